@@ -1,0 +1,44 @@
+"""Real sources as MONAI datalists, checked loading, and episodic few-shot tasks over any MONAI dataset."""
+
+from monai_metalearn.data.episodes import (
+    ClassificationEpisodeDataset,
+    SegmentationEpisodeDataset,
+    episode_collate,
+    episode_loader,
+)
+from monai_metalearn.data.loading import LoadScan, LoadScand, LoadScanD, LoadScanDict, ScanLoadError, validate_datalist
+from monai_metalearn.data.names import FREESURFER_NAMES, STRUCTURE_NAMES, TOTALSEG_NAMES, canonical_name
+from monai_metalearn.data.patches import build_structure_patches, class_counts, patch_transforms
+from monai_metalearn.data.readers import NpzReader
+from monai_metalearn.data.sampler import Episode, EpisodeSampler, check_disjoint_splits, split_classes
+from monai_metalearn.data.sources import SOURCES, Source, data_dir, get_source, load_datalist
+
+__all__ = [
+    "ClassificationEpisodeDataset",
+    "Episode",
+    "EpisodeSampler",
+    "FREESURFER_NAMES",
+    "LoadScan",
+    "LoadScanD",
+    "LoadScanDict",
+    "LoadScand",
+    "NpzReader",
+    "SOURCES",
+    "STRUCTURE_NAMES",
+    "ScanLoadError",
+    "SegmentationEpisodeDataset",
+    "Source",
+    "TOTALSEG_NAMES",
+    "build_structure_patches",
+    "canonical_name",
+    "check_disjoint_splits",
+    "class_counts",
+    "data_dir",
+    "episode_collate",
+    "episode_loader",
+    "get_source",
+    "load_datalist",
+    "patch_transforms",
+    "split_classes",
+    "validate_datalist",
+]

@@ -1,0 +1,44 @@
+"""Few-shot learners: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNet and the fine-tuning baselines.
+
+Every learner follows :class:`~monai_metalearn.learners.base.Learner`: ``meta_loss``, ``adapt``, ``outer_step`` and
+``meta_batch_step`` on episode tensors ``(support_x, support_y, query_x, query_y)``.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    Episode,
+    FunctionalPredictor,
+    Learner,
+    accuracy,
+    average_metrics,
+    check_episode,
+    infer_n_way,
+    is_classification_target,
+)
+from .finetune import FineTuneBaseline, FineTunedPredictor
+from .maml import ANIL, FOMAML, MAML, MetaSGD
+from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
+from .reptile import Reptile
+
+__all__ = [
+    "ANIL",
+    "FOMAML",
+    "MAML",
+    "Episode",
+    "FineTuneBaseline",
+    "FineTunedPredictor",
+    "FunctionalPredictor",
+    "Learner",
+    "MetaSGD",
+    "ProtoNet",
+    "PrototypePredictor",
+    "Reptile",
+    "accuracy",
+    "average_metrics",
+    "check_episode",
+    "compute_prototypes",
+    "infer_n_way",
+    "is_classification_target",
+    "prototype_logits",
+]

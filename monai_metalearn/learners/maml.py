@@ -1,0 +1,426 @@
+"""Gradient-based meta-learners on ``torch.func``: MAML (second order), FOMAML, ANIL and Meta-SGD.
+
+All four share one inner loop: the network is run with "fast" weights through :func:`torch.func.functional_call`, the
+support loss is differentiated with :func:`torch.autograd.grad` and the fast weights are updated with plain SGD
+(``w - lr * g``; Meta-SGD uses a learned per-element ``lr``). The outer loss is the query loss at the fast weights.
+
+* second-order MAML keeps the graph of the inner gradients (``create_graph=True``), so ``loss.backward()`` gives the
+  exact meta-gradient including the Hessian-vector terms;
+* FOMAML detaches the inner gradients: the meta-gradient is the query-loss gradient at the adapted weights;
+* ANIL adapts only ``model.head``; encoder features are computed once per episode, the inner loop never changes the
+  encoder, and the outer gradient reaches both the encoder and the head's initialisation;
+* Meta-SGD learns a per-element inner learning rate for every adapted parameter (``inner_lrs``, part of
+  ``parameters()`` so the meta-optimizer updates it).
+
+The loss and metric are pluggable (``loss_fn(logits, y)``, ``metric_fn(logits, y) -> float``), so segmentation can pass
+``monai.losses.DiceCELoss(softmax=True, to_onehot_y=True)`` and a Dice metric with ``y`` of shape ``[B, 1, D, H, W]``;
+only the defaults (cross-entropy, accuracy) assume class labels.
+
+BatchNorm: ``batch_norm="transductive"`` (default) normalises with each batch's own statistics, support set during the
+inner loop and query batch when scoring, and never updates running statistics; ``"frozen"`` uses the stored running
+statistics. See :mod:`monai_metalearn.networks.batchnorm`. GroupNorm networks are unaffected.
+
+The inner loop always runs with gradients enabled (also under ``torch.no_grad()``, e.g. during validation); when the
+caller has gradients disabled no graph is kept and the returned loss is a plain tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm_mode
+
+from .base import FunctionalPredictor, Learner, accuracy, check_episode, is_classification_target
+
+__all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+MetricFn = Callable[[Tensor, Tensor], float]
+
+
+class MAML(Learner):
+    """Model-Agnostic Meta-Learning (Finn et al., 2017), second order by default.
+
+    Args:
+        model: the network; ``model(x)`` returns logits ``[B, N]`` (or whatever ``loss_fn`` expects).
+        inner_lr: inner-loop SGD step size.
+        inner_steps: inner-loop steps during meta-training (>= 1).
+        first_order: drop second-order terms (FOMAML).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; default ``nn.CrossEntropyLoss()``.
+        metric_fn: ``metric_fn(logits, y) -> float`` on the query set; default accuracy.
+        eval_inner_steps: inner steps used by :meth:`adapt` (test time); default ``inner_steps``.
+        n_way: expected number of classes per episode (checked against the labels); inferred when ``None``.
+        batch_norm: ``"transductive"`` or ``"frozen"`` (see the module docstring).
+        metric_name: key of ``metric_fn``'s value in the metrics dict.
+        inner_params: name prefixes of the parameters adapted in the inner loop (e.g. ``["head."]``); default: every
+            parameter with ``requires_grad``.
+
+    Raises:
+        ValueError: for a negative ``inner_lr``, ``inner_steps < 1``, ``eval_inner_steps < 0``, an unknown
+            ``batch_norm`` or ``inner_params`` matching no parameter.
+
+    Example::
+
+        model = FewShotClassifier(ConvEncoder3D(features=(16, 32, 64)), 64, n_way=3)
+        learner = MAML(model, inner_lr=0.1, inner_steps=2)
+        opt = torch.optim.Adam(learner.parameters(), 1e-3)
+        metrics = learner.outer_step(sx, sy, qx, qy, opt)
+        predictor = learner.adapt(sx, sy)
+        logits = predictor(qx)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        first_order: bool = False,
+        loss_fn: LossFn | None = None,
+        metric_fn: MetricFn | None = None,
+        eval_inner_steps: int | None = None,
+        n_way: int | None = None,
+        batch_norm: str = "transductive",
+        metric_name: str = "accuracy",
+        inner_params: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if inner_lr < 0:
+            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        if eval_inner_steps is not None and int(eval_inner_steps) < 0:
+            raise ValueError(f"eval_inner_steps must be >= 0, got {eval_inner_steps}")
+        self.model = model
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.first_order = bool(first_order)
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.metric_fn: MetricFn = metric_fn if metric_fn is not None else accuracy
+        self.eval_inner_steps = None if eval_inner_steps is None else int(eval_inner_steps)
+        self.n_way = n_way
+        self.batch_norm = check_batch_norm_mode(batch_norm)
+        self.metric_name = metric_name
+        self.inner_params = None if inner_params is None else tuple(inner_params)
+        if not self.adapted_names():
+            raise ValueError(f"no trainable parameter of the model matches inner_params={self.inner_params}")
+
+    # ----------------------------------------------------------------- hooks (ANIL overrides them)
+    def adapted_names(self) -> list[str]:
+        """Qualified names (in ``self.model``) of the parameters the inner loop adapts."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.inner_params is not None:
+            names = [n for n in names if any(n.startswith(prefix) for prefix in self.inner_params)]
+        return names
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """The part of the forward pass computed once per episode (identity for MAML)."""
+        return x
+
+    def _fast_forward(self, params: dict[str, Tensor], z: Tensor) -> Tensor:
+        """The adapted part of the forward pass with fast weights ``params``."""
+        return functional_call(self.model, params, (z,))
+
+    def _inner_lr(self, name: str) -> float | Tensor:
+        return self.inner_lr
+
+    def _predictor(self, params: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+        return FunctionalPredictor(self.model, params, self.batch_norm)
+
+    # ----------------------------------------------------------------- algorithm
+    def forward(self, x: Tensor) -> Tensor:
+        """The un-adapted model's output (the meta-learned initialisation)."""
+        return self.model(x)
+
+    def _check_logits(self, logits: Tensor, y: Tensor, n_way: int | None) -> None:
+        if n_way is not None and is_classification_target(y) and logits.dim() == 2 and logits.shape[1] < n_way:
+            raise ValueError(f"the model outputs {logits.shape[1]} logits but the episode has {n_way} classes")
+
+    def _inner_loop(
+        self,
+        params: dict[str, Tensor],
+        z: Tensor,
+        y: Tensor,
+        steps: int,
+        create_graph: bool,
+        keep_graph: bool,
+        n_way: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Run ``steps`` SGD steps of ``loss_fn`` on ``(z, y)`` from the fast weights ``params``.
+
+        Args:
+            params: starting fast weights (the model's parameters, or detached copies).
+            z: the support input (after :meth:`_embed`).
+            y: the support targets.
+            steps: number of steps.
+            create_graph: keep the graph of the inner gradients (second order).
+            keep_graph: keep the dependency of the result on ``params`` (False at test time: each step's weights
+                are detached, nothing outside the loop is differentiated).
+            n_way: classes of the episode, to check the model's output width.
+        """
+        names = list(params)
+        with torch.enable_grad():
+            for step in range(steps):
+                logits = self._fast_forward(params, z)
+                if step == 0:
+                    self._check_logits(logits, y, n_way)
+                loss = self.loss_fn(logits, y)
+                grads = torch.autograd.grad(
+                    loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
+                )
+                new = {}
+                for n, g in zip(names, grads):
+                    new[n] = params[n] if g is None else params[n] - self._inner_lr(n) * g
+                    if not keep_graph:
+                        new[n] = new[n].detach().requires_grad_(True)
+                params = new
+        return params
+
+    def _initial_params(self) -> dict[str, Tensor]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self.adapted_names()}
+
+    def meta_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Adapt on the support set with ``inner_steps`` steps and return the query loss and metrics.
+
+        Second-order MAML keeps the whole graph (only when gradients are enabled); first-order variants detach the
+        inner gradients.
+
+        Raises:
+            ValueError: for a malformed episode (see :func:`~monai_metalearn.learners.base.check_episode`).
+        """
+        n_way = check_episode(support_x, support_y, query_x, query_y, self.n_way)
+        create_graph = (not self.first_order) and torch.is_grad_enabled()
+        with batch_norm_mode(self.model, self.batch_norm):
+            zs = self._embed(support_x)
+            params = self._inner_loop(
+                self._initial_params(), zs, support_y, self.inner_steps, create_graph, keep_graph=True, n_way=n_way
+            )
+            logits = self._fast_forward(params, self._embed(query_x))
+        loss = self.loss_fn(logits, query_y)
+        metrics = {"loss": float(loss.detach()), self.metric_name: float(self.metric_fn(logits.detach(), query_y))}
+        return loss, metrics
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """Fine-tune a copy of the adapted parameters on the support set (``eval_inner_steps`` steps).
+
+        The model itself is not modified; the predictor holds detached adapted weights (``predictor.params``).
+
+        Raises:
+            ValueError: for a malformed support set.
+        """
+        n_way = check_episode(support_x, support_y, n_way=self.n_way)
+        steps = self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
+        with batch_norm_mode(self.model, self.batch_norm):
+            with torch.no_grad():
+                zs = self._embed(support_x)
+            start = {n: p.detach().requires_grad_(True) for n, p in self._initial_params().items()}
+            params = self._inner_loop(start, zs, support_y, steps, create_graph=False, keep_graph=False, n_way=n_way)
+        return self._predictor({n: p.detach() for n, p in params.items()})
+
+
+class FOMAML(MAML):
+    """First-order MAML: :class:`MAML` with ``first_order=True``.
+
+    The meta-gradient is the gradient of the query loss at the adapted weights, applied to the initial weights.
+
+    Args:
+        model: the network.
+        inner_lr: inner-loop SGD step size.
+        inner_steps: inner-loop steps during meta-training.
+        loss_fn: task loss; default cross-entropy.
+        metric_fn: query metric; default accuracy.
+        eval_inner_steps: inner steps at test time; default ``inner_steps``.
+        n_way: expected classes per episode.
+        batch_norm: ``"transductive"`` or ``"frozen"``.
+        metric_name: metrics key of ``metric_fn``.
+        inner_params: name prefixes of the adapted parameters.
+
+    Example::
+
+        learner = FOMAML(model, inner_lr=0.1, inner_steps=3)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        loss_fn: LossFn | None = None,
+        metric_fn: MetricFn | None = None,
+        eval_inner_steps: int | None = None,
+        n_way: int | None = None,
+        batch_norm: str = "transductive",
+        metric_name: str = "accuracy",
+        inner_params: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            first_order=True,
+            loss_fn=loss_fn,
+            metric_fn=metric_fn,
+            eval_inner_steps=eval_inner_steps,
+            n_way=n_way,
+            batch_norm=batch_norm,
+            metric_name=metric_name,
+            inner_params=inner_params,
+        )
+
+
+class _HeadPredictor:
+    """Predictor of ANIL: ``head`` with adapted weights applied to ``encoder`` features."""
+
+    def __init__(self, learner: ANIL, params: dict[str, Tensor]) -> None:
+        self.learner = learner
+        self.adapted = params
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        out = {n: p for n, p in self.learner.model.named_parameters()}
+        out.update(self.adapted)
+        return out
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with batch_norm_mode(self.learner.model, self.learner.batch_norm):
+            return self.learner._fast_forward(self.adapted, self.learner._embed(x))
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu et al., 2020): MAML that adapts only ``model.head``.
+
+    Encoder features of the support and query sets are computed once per episode; the inner loop updates the head's
+    fast weights only, so the encoder is identical before and after adaptation. The outer loss back-propagates into the
+    encoder (through the query features, and with ``first_order=False`` also through the support features of the inner
+    gradients) and into the head's initialisation.
+
+    Args:
+        model: a network with ``.encoder`` (``x -> features``) and ``.head`` (``features -> logits``) submodules,
+            e.g. :class:`~monai_metalearn.networks.FewShotClassifier`.
+        inner_lr: inner-loop SGD step size.
+        inner_steps: inner-loop steps during meta-training.
+        first_order: drop second-order terms.
+        loss_fn: task loss; default cross-entropy.
+        metric_fn: query metric; default accuracy.
+        eval_inner_steps: inner steps at test time; default ``inner_steps``.
+        n_way: expected classes per episode.
+        batch_norm: ``"transductive"`` or ``"frozen"``.
+        metric_name: metrics key of ``metric_fn``.
+
+    Raises:
+        ValueError: if ``model`` has no ``encoder`` or ``head`` submodule.
+
+    Example::
+
+        learner = ANIL(FewShotClassifier(ConvEncoder3D(), 256, n_way=5), inner_lr=0.1, inner_steps=5)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        first_order: bool = False,
+        loss_fn: LossFn | None = None,
+        metric_fn: MetricFn | None = None,
+        eval_inner_steps: int | None = None,
+        n_way: int | None = None,
+        batch_norm: str = "transductive",
+        metric_name: str = "accuracy",
+    ) -> None:
+        for attr in ("encoder", "head"):
+            if not isinstance(getattr(model, attr, None), nn.Module):
+                raise ValueError(f"ANIL needs a model with an nn.Module attribute {attr!r} (e.g. FewShotClassifier)")
+        super().__init__(
+            model,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            first_order=first_order,
+            loss_fn=loss_fn,
+            metric_fn=metric_fn,
+            eval_inner_steps=eval_inner_steps,
+            n_way=n_way,
+            batch_norm=batch_norm,
+            metric_name=metric_name,
+            inner_params=("head.",),
+        )
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.model.encoder(x)
+
+    def _fast_forward(self, params: dict[str, Tensor], z: Tensor) -> Tensor:
+        return functional_call(self.model.head, {n[len("head.") :]: p for n, p in params.items()}, (z,))
+
+    def _predictor(self, params: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+        return _HeadPredictor(self, params)
+
+
+def _lr_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al., 2017): MAML with a learned per-element inner learning rate for every adapted parameter.
+
+    ``inner_lrs`` is an ``nn.ParameterDict`` (keys are parameter names with ``.`` replaced by ``__``), initialised to
+    ``inner_lr`` and returned by ``parameters()``, so the meta-optimizer learns it together with the initialisation.
+
+    Args:
+        model: the network.
+        inner_lr: initial value of every inner learning rate.
+        inner_steps: inner-loop steps during meta-training.
+        first_order: drop second-order terms (the learning rates still receive gradients).
+        loss_fn: task loss; default cross-entropy.
+        metric_fn: query metric; default accuracy.
+        eval_inner_steps: inner steps at test time; default ``inner_steps``.
+        n_way: expected classes per episode.
+        batch_norm: ``"transductive"`` or ``"frozen"``.
+        metric_name: metrics key of ``metric_fn``.
+        inner_params: name prefixes of the adapted parameters.
+
+    Example::
+
+        learner = MetaSGD(model, inner_lr=0.05)
+        opt = torch.optim.Adam(learner.parameters(), 1e-3)  # includes learner.inner_lrs
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        first_order: bool = False,
+        loss_fn: LossFn | None = None,
+        metric_fn: MetricFn | None = None,
+        eval_inner_steps: int | None = None,
+        n_way: int | None = None,
+        batch_norm: str = "transductive",
+        metric_name: str = "accuracy",
+        inner_params: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            first_order=first_order,
+            loss_fn=loss_fn,
+            metric_fn=metric_fn,
+            eval_inner_steps=eval_inner_steps,
+            n_way=n_way,
+            batch_norm=batch_norm,
+            metric_name=metric_name,
+            inner_params=inner_params,
+        )
+        named = dict(self.model.named_parameters())
+        self.inner_lrs = nn.ParameterDict(
+            {_lr_key(n): nn.Parameter(torch.full_like(named[n].detach(), float(inner_lr))) for n in self.adapted_names()}
+        )
+
+    def _inner_lr(self, name: str) -> Tensor:
+        return self.inner_lrs[_lr_key(name)]
