@@ -123,6 +123,7 @@ class ClassificationEpisodeDataset(TorchDataset):
         self.subjects = subjects
         self.num_episodes = int(num_episodes)
         self.image_key, self.seed = image_key, int(seed)
+        self.epoch = 0
 
     @property
     def classes(self) -> list[Hashable]:
@@ -131,17 +132,23 @@ class ClassificationEpisodeDataset(TorchDataset):
     def __len__(self) -> int:
         return self.num_episodes
 
+    def set_epoch(self, epoch: int) -> None:
+        """Training: epoch ``e`` serves episodes ``e * num_episodes ... (e + 1) * num_episodes - 1`` of the sampler,
+        so every epoch sees new episodes while staying reproducible (``MetaTrainer`` calls this at each epoch start,
+        like ``DistributedSampler.set_epoch``). Evaluation datasets stay at epoch 0: a fixed list."""
+        self.epoch = int(epoch)
+
     def episode(self, index: int) -> Episode:
-        """The indices of episode ``index`` (no image is read)."""
-        return self.sampler.episode(index)
+        """The indices of episode ``index`` of the current epoch (no image is read)."""
+        return self.sampler.episode(self.epoch * self.num_episodes + index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range 0..{self.num_episodes - 1}")
-        ep = self.sampler.episode(index)
+        ep = self.episode(index)
         images = []
         for pos, j in enumerate(ep.support + ep.query):
-            item = _read(self.data, j, _item_seed(self.seed, index, pos))
+            item = _read(self.data, j, _item_seed(self.seed, ep.index, pos))
             if self.image_key not in item:
                 raise KeyError(f"example {j} has no {self.image_key!r} after its transforms (keys: {sorted(item)}).")
             images.append(item[self.image_key])
@@ -155,7 +162,7 @@ class ClassificationEpisodeDataset(TorchDataset):
             "classes": [str(c) for c in ep.classes],
             "support_subject": [str(self.subjects[j]) for j in ep.support],
             "query_subject": [str(self.subjects[j]) for j in ep.query],
-            "episode": index,
+            "episode": ep.index,
         }
 
 
@@ -215,6 +222,7 @@ class SegmentationEpisodeDataset(TorchDataset):
         self.structures_key, self.subject_key = structures_key, subject_key
         self.episode_transform = episode_transform
         self.num_episodes, self.seed, self.stack = int(num_episodes), int(seed), bool(stack)
+        self.epoch = 0
 
         # one example per subject and structure: subject -> first item index holding the structure
         self.index: dict[str, dict[str, int]] = {}
@@ -241,9 +249,13 @@ class SegmentationEpisodeDataset(TorchDataset):
     def __len__(self) -> int:
         return self.num_episodes
 
+    def set_epoch(self, epoch: int) -> None:
+        """See :meth:`ClassificationEpisodeDataset.set_epoch`."""
+        self.epoch = int(epoch)
+
     def episode(self, index: int) -> tuple[str, list[int], list[int]]:
-        """``(structure, support item indices, query item indices)`` of episode ``index``."""
-        rng = np.random.default_rng([self.seed, int(index)])
+        """``(structure, support item indices, query item indices)`` of episode ``index`` of the current epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch * self.num_episodes + int(index)])
         structure = self.structures[int(rng.integers(len(self.structures)))]
         subjects = sorted(self.index[structure])
         chosen = [subjects[i] for i in rng.choice(len(subjects), size=self.k_shot + self.q_query, replace=False)]
@@ -257,7 +269,7 @@ class SegmentationEpisodeDataset(TorchDataset):
         select = self._select(keys=self.keys[1], structure=structure, label_names_key=self.structures_key)
         images, masks = [], []
         for pos, j in enumerate(support + query):
-            seed = _item_seed(self.seed, index, pos)
+            seed = _item_seed(self.seed, self.epoch * self.num_episodes + index, pos)
             item = dict(_read(self.data, j, seed))
             item = select(item)
             if self.episode_transform is not None:
@@ -281,7 +293,7 @@ class SegmentationEpisodeDataset(TorchDataset):
             "structure": structure,
             "support_subject": [str(raw[j][self.subject_key]) for j in support],
             "query_subject": [str(raw[j][self.subject_key]) for j in query],
-            "episode": index,
+            "episode": self.epoch * self.num_episodes + index,
         }
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from ignite.engine import Events
 from monai.engines.trainer import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch.optim.optimizer import Optimizer
@@ -151,6 +152,14 @@ class MetaTrainer(Trainer):
             from ignite.handlers import ProgressBar
 
             ProgressBar(persist=False).attach(self, output_transform=first_loss)
+        self.add_event_handler(Events.EPOCH_STARTED, self._set_data_epoch)
+
+    def _set_data_epoch(self, engine: MetaTrainer) -> None:
+        """New episodes every epoch: ``dataset.set_epoch(epoch - 1)`` on episodic datasets (0-based, so the first
+        epoch serves the dataset's own episodes), like ``DistributedSampler.set_epoch``."""
+        dataset = getattr(self.data_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(engine.state.epoch - 1)
 
     def run(self) -> None:  # type: ignore[override]
         """Train until ``max_epochs``; a second call continues from the current state (as MONAI trainers do).

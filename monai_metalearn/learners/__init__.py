@@ -16,6 +16,7 @@ from .base import (
     infer_n_way,
     is_classification_target,
 )
+from .factory import LEARNERS, create_learner
 from .finetune import FineTuneBaseline, FineTunedPredictor
 from .maml import ANIL, FOMAML, MAML, MetaSGD
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
@@ -29,6 +30,7 @@ __all__ = [
     "FineTuneBaseline",
     "FineTunedPredictor",
     "FunctionalPredictor",
+    "LEARNERS",
     "Learner",
     "MetaSGD",
     "ProtoNet",
@@ -38,6 +40,7 @@ __all__ = [
     "average_metrics",
     "check_episode",
     "compute_prototypes",
+    "create_learner",
     "infer_n_way",
     "is_classification_target",
     "prototype_logits",

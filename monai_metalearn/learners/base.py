@@ -171,6 +171,15 @@ class Learner(nn.Module):
     Subclasses implement :meth:`meta_loss` and :meth:`adapt`; :meth:`outer_step` and :meth:`meta_batch_step` have
     gradient-based defaults (zero_grad, meta-loss, backward through ``scaler`` if given, step). Learners are
     ``nn.Module`` s: ``learner.to(device)`` moves everything, ``learner.parameters()`` is what the optimizer updates.
+
+    Example::
+
+        learner = MAML(FewShotClassifier(ConvEncoder3D(), 256, n_way=3), inner_lr=0.01, inner_steps=5)
+        optimizer = torch.optim.Adam(learner.parameters(), 1e-3)
+        for support_x, support_y, query_x, query_y in episodes:
+            metrics = learner.outer_step(support_x, support_y, query_x, query_y, optimizer)
+        predictor = learner.adapt(support_x, support_y)
+        logits = predictor(query_x)  # [N*Q, N]
     """
 
     def meta_loss(

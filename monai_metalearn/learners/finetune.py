@@ -10,8 +10,10 @@ Two phases:
    features with ``finetune_steps`` full-batch steps of SGD (momentum 0.9) or Adam, and returns the predictor.
    BatchNorm defaults to ``"frozen"`` here (the running statistics learned in pre-training).
 
-Episodes carry episode-local labels (``0..N-1``), which cannot train a base-class head, so
-:meth:`FineTuneBaseline.outer_step` and :meth:`FineTuneBaseline.meta_batch_step` raise ``NotImplementedError``;
+Episodes carry episode-local labels (``0..N-1``), which cannot train a base-class head. When the engine maps them
+back to global class ids (``MetaTrainer(prepare_episode=GlobalLabels(train_classes))``, which the bundles do for this
+learner), :meth:`FineTuneBaseline.outer_step` is one :meth:`pretrain_step` on the episode's support and query
+together, so the same engine, handlers and checkpoints serve the baseline and the meta-learners.
 :meth:`FineTuneBaseline.meta_loss` works for evaluation (adapt on support, query cross-entropy, no graph).
 """
 
@@ -197,22 +199,25 @@ class FineTuneBaseline(Learner):
         loss = self.loss_fn(logits, query_y)
         return loss, {"loss": float(loss), "accuracy": accuracy(logits, query_y)}
 
-    def outer_step(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Not available: train with :meth:`pretrain_step` on flat batches with global class ids.
+    def outer_step(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any | None = None,
+    ) -> dict[str, float]:
+        """One pre-training step on the episode's support and query together, labels being GLOBAL class ids.
 
         Raises:
-            NotImplementedError: always.
+            ValueError: labels outside ``0..n_base_classes-1`` (episode-local labels were passed where global ids
+                were expected only when they happen to exceed the range; map them with ``GlobalLabels``).
         """
-        raise NotImplementedError(
-            "FineTuneBaseline is not meta-trained on episodes (their labels are episode-local): pre-train it with "
-            "pretrain_step(x, y_global, optimizer) on flat batches of the meta-train classes, then evaluate with "
-            "adapt()/meta_loss()"
-        )
+        return self.pretrain_step(torch.cat([support_x, query_x]), torch.cat([support_y, query_y]), optimizer, scaler)
 
-    def meta_batch_step(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Not available: see :meth:`outer_step`.
-
-        Raises:
-            NotImplementedError: always.
-        """
-        return self.outer_step()
+    def meta_batch_step(self, episodes: Any, optimizer: torch.optim.Optimizer, scaler: Any | None = None) -> dict:
+        """One pre-training step on the union of several episodes (global class ids)."""
+        xs = torch.cat([torch.cat([sx, qx]) for sx, _, qx, _ in episodes])
+        ys = torch.cat([torch.cat([sy, qy]) for _, sy, _, qy in episodes])
+        return self.pretrain_step(xs, ys, optimizer, scaler)

@@ -419,7 +419,10 @@ class MetaSGD(MAML):
         )
         named = dict(self.model.named_parameters())
         self.inner_lrs = nn.ParameterDict(
-            {_lr_key(n): nn.Parameter(torch.full_like(named[n].detach(), float(inner_lr))) for n in self.adapted_names()}
+            {
+                _lr_key(n): nn.Parameter(torch.full_like(named[n].detach(), float(inner_lr)))
+                for n in self.adapted_names()
+            }
         )
 
     def _inner_lr(self, name: str) -> Tensor:

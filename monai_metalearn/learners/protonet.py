@@ -49,7 +49,9 @@ def compute_prototypes(features: Tensor, labels: Tensor, n_way: int | None = Non
     return one_hot.t() @ features / counts[:, None]
 
 
-def prototype_logits(features: Tensor, prototypes: Tensor, distance: str = "euclidean", scale: Tensor | float = 1.0) -> Tensor:
+def prototype_logits(
+    features: Tensor, prototypes: Tensor, distance: str = "euclidean", scale: Tensor | float = 1.0
+) -> Tensor:
     """Logits ``[B, N]``: ``-||f - p||^2`` (euclidean) or ``scale * cos(f, p)`` (cosine)."""
     if distance == "euclidean":
         return -((features[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)

@@ -146,7 +146,9 @@ class Reptile(Learner):
                 opt.step()
         return {n: t.detach() for n, t in fast.items()}
 
-    def _task_data(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+    def _task_data(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         if self.inner_on_query:
             return torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
         return support_x, support_y

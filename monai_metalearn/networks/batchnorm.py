@@ -5,10 +5,10 @@ through :func:`torch.func.functional_call` with adapted ("fast") weights. Standa
 update its running statistics on every one of those calls, mixing tasks and inner steps, and in eval mode would apply
 statistics that were never computed from the task at hand. This package therefore picks one of two explicit modes:
 
-* ``"transductive"`` (default of the meta-learners): every BatchNorm layer normalises with the statistics of the batch it
-  is given (the support set during adaptation, the query batch when scoring), whatever ``model.train()``/``model.eval()``
-  says, and running statistics are never read nor updated. This is the per-task transductive setting of the original
-  MAML code. Call predictors on whole query batches, not single samples, in this mode.
+* ``"transductive"`` (default of the meta-learners): every BatchNorm layer normalises with the statistics of the batch
+  it is given (the support set during adaptation, the query batch when scoring), whatever
+  ``model.train()``/``model.eval()`` says, and running statistics are never read nor updated. This is the per-task
+  transductive setting of the original MAML code. Call predictors on whole query batches, not single samples.
 * ``"frozen"``: every BatchNorm layer uses its stored running statistics (eval behaviour) and never updates them. Use it
   for pretrained backbones (e.g. a MONAI ResNet trained elsewhere) and for the fine-tuning baseline's adaptation.
 

@@ -256,7 +256,9 @@ def monai_backbone(
         net = getattr(nets, key)(spatial_dims=spatial_dims, n_input_channels=in_channels, **kwargs)
         feature_dim = int(net.in_planes)
     elif key in _DENSENETS:
-        net = getattr(nets, _DENSENETS[key])(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, **kwargs)
+        net = getattr(nets, _DENSENETS[key])(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1, **kwargs
+        )
         feature_dim = int(net.class_layers.out.in_features)
         net.class_layers.out = nn.Identity()
     else:

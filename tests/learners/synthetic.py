@@ -24,7 +24,9 @@ class TaskFamily:
         seed: seed of the class templates and of the episode generator.
     """
 
-    def __init__(self, n_classes: int = 24, n_train: int = 16, size: int = 8, noise: float = 0.6, seed: int = 0) -> None:
+    def __init__(
+        self, n_classes: int = 24, n_train: int = 16, size: int = 8, noise: float = 0.6, seed: int = 0
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"), -1)
         templates = []
@@ -45,7 +47,8 @@ class TaskFamily:
         idx = classes.repeat_interleave(per_class)
         labels = torch.arange(len(classes)).repeat_interleave(per_class)
         scale = 0.8 + 0.4 * torch.rand(len(idx), 1, 1, 1, 1, generator=self.gen)
-        x = self.templates[idx] * scale + self.noise * torch.randn(len(idx), *self.templates.shape[1:], generator=self.gen)
+        noise = torch.randn(len(idx), *self.templates.shape[1:], generator=self.gen)
+        x = self.templates[idx] * scale + self.noise * noise
         return x, labels
 
     def episode(self, n_way: int = 3, k_shot: int = 2, n_query: int = 3, train: bool = True) -> tuple[Tensor, ...]:
@@ -67,7 +70,12 @@ class TaskFamily:
 
 
 def random_episode(
-    n_way: int = 3, k_shot: int = 2, n_query: int = 2, size: int = 4, channels: int = 1, dtype: torch.dtype = torch.float32
+    n_way: int = 3,
+    k_shot: int = 2,
+    n_query: int = 2,
+    size: int = 4,
+    channels: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A random episode (no structure) with the given shapes, drawn from the global torch RNG."""
     sx = torch.randn(n_way * k_shot, channels, size, size, size, dtype=dtype)

@@ -76,7 +76,8 @@ def test_running_stats_untouched_and_mode_restored(name, train_mode):
         learner.meta_loss(sx, sy, qx, qy)
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), n
-    assert all(m.training == train_mode and m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm3d))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
+    assert all(m.training == train_mode and m.track_running_stats for m in bns)
 
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))

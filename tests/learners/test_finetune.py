@@ -43,9 +43,19 @@ def test_pretrain_step_trains_encoder_and_base_head():
     assert learner(x).shape == (8, 16)
     with pytest.raises(ValueError, match="outside 0..15"):
         learner.pretrain_step(x, y + 16, opt)
-    with pytest.raises(NotImplementedError, match="pretrain_step"):
-        learner.outer_step(*random_episode(size=8), opt)
-    with pytest.raises(NotImplementedError, match="pretrain_step"):
-        learner.meta_batch_step([random_episode(size=8)], opt)
+    # outer_step on an episode with global ids is a pre-training step on support + query together
+    sx, qx = x[:4], x[4:]
+    sy, qy = y[:4], y[4:]
+    torch.manual_seed(2)
+    a = FineTuneBaseline(ConvEncoder3D(features=(4, 8)), 8, n_base_classes=16, head="cosine")
+    b = FineTuneBaseline(ConvEncoder3D(features=(4, 8)), 8, n_base_classes=16, head="cosine")
+    b.load_state_dict(a.state_dict())
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    assert a.outer_step(sx, sy, qx, qy, oa) == b.pretrain_step(x, y, ob)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    a.meta_batch_step([(sx, sy, qx, qy)], oa)
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="outside 0..15"):
+        a.outer_step(sx, sy + 16, qx, qy, oa)
     with pytest.raises(ValueError, match="head"):
         FineTuneBaseline(nn.Flatten(), 8, 4, head="mlp")

@@ -328,6 +328,10 @@ def test_bad_query_and_n_way_raise():
     wide = MAML(FewShotClassifier(ConvEncoder3D(features=(2,)), 2, 2))
     with pytest.raises(ValueError, match="outputs 2 logits"):
         wide.meta_loss(sx, sy, qx, qy)
-    for kwargs, match in [({"inner_steps": 0}, "inner_steps"), ({"inner_lr": -1}, "inner_lr"), ({"batch_norm": "x"}, "batch_norm")]:
+    for kwargs, match in [
+        ({"inner_steps": 0}, "inner_steps"),
+        ({"inner_lr": -1}, "inner_lr"),
+        ({"batch_norm": "x"}, "batch_norm"),
+    ]:
         with pytest.raises(ValueError, match=match):
             MAML(model, **kwargs)

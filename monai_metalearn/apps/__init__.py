@@ -1,0 +1,5 @@
+"""Applications: the glue between the library and the bundles, demo and tutorials."""
+
+from monai_metalearn.apps import classification
+
+__all__ = ["classification"]
