@@ -23,6 +23,11 @@ __all__ = [
     "check_class_splits",
     "load_structure_patches",
     "GlobalLabels",
+    "build_learner",
+    "load_learner",
+    "evaluate_shots",
+    "check_cli_overrides",
+    "prepare_episode_for",
     "write_metrics",
     "load_task_file",
     "inference_transforms",
@@ -72,8 +77,13 @@ def load_structure_patches(
     pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
     n_views: int = 16,
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Structure patches (:func:`~monai_metalearn.data.build_structure_patches`) of several real sources.
+
+    With ``cache_dir``, the patches are saved there (``torch.save``, a file named after a hash of the sources, their
+    files' sizes and dates, the structures, ``pixdim`` and ``n_views``) and read back by later runs, as MONAI's
+    ``PersistentDataset`` does for transformed items: the demo and the evaluation do not re-read the scans.
 
     Args:
         data_dir: the folder holding the sources (``MONAI_DATA_DIRECTORY``).
@@ -92,10 +102,39 @@ def load_structure_patches(
     if unknown:
         fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}")
     datalist = [item for name in sources for item in load_datalist(name, data_dir)]
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"patches_{_patch_key(datalist, structures, pixdim, n_views)}.pt"
+        if cache_file.is_file():
+            try:
+                return torch.load(cache_file, weights_only=False)
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                cache_file.unlink()
     try:
-        return build_structure_patches(datalist, structures, pixdim=pixdim, n_views=n_views, progress=progress)
+        patches = build_structure_patches(datalist, structures, pixdim=pixdim, n_views=n_views, progress=progress)
     except ValueError as err:
         fail(str(err))
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save(patches, tmp)
+        tmp.replace(cache_file)
+    return patches
+
+
+def _patch_key(datalist: Sequence[Mapping[str, Any]], structures: Sequence[str], pixdim: Any, n_views: int) -> str:
+    import hashlib
+
+    parts: list[Any] = [sorted(structures), list(pixdim) if pixdim is not None else None, n_views]
+    for item in datalist:
+        for key in ("image", "label"):
+            value = item.get(key)
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(str(value).split("#")[0]):
+                st = os.stat(str(value).split("#")[0])
+                parts.append([str(value), st.st_size, int(st.st_mtime)])
+            else:
+                parts.append([key, str(item.get("subject"))])
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 class GlobalLabels:
@@ -131,6 +170,191 @@ def write_metrics(path: str, evaluators: Mapping[Any, Any], **extra: Any) -> dic
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2))
     return out
+
+
+def build_learner(
+    name: str,
+    encoder: torch.nn.Module,
+    feature_dim: int,
+    n_way: int,
+    train_classes: Sequence[str],
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
+    """:func:`~monai_metalearn.learners.create_learner` with the bundle's per-learner defaults, overridden by
+    ``overrides`` (``--learner_args "{'inner_lr': 0.05}"``); one-line error for an unknown learner or argument."""
+    import inspect
+
+    from monai_metalearn.learners import LEARNERS, create_learner
+
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in LEARNERS:
+        fail(f"unknown learner_name {name!r}; choose one of {sorted(LEARNERS)}")
+    kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
+    cls = LEARNERS[key][0]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "encoder"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}")
+    try:
+        return create_learner(key, encoder, feature_dim, n_way, n_base_classes=len(train_classes), **kwargs)
+    except (TypeError, ValueError) as err:
+        fail(f"learner {key!r}: {err}")
+
+
+def prepare_episode_for(name: str, train_classes: Sequence[str]):
+    """The trainer's ``prepare_episode``: global class ids for the fine-tuning baseline, episode labels otherwise."""
+    from monai_metalearn.engines import default_prepare_episode
+
+    key = str(name).lower().replace("-", "").replace("_", "")
+    return GlobalLabels(train_classes) if key == "finetune" else default_prepare_episode
+
+
+def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Loads the weights that ``train.json`` saved (``{"learner": state}`` or a bare state dict) into ``learner``.
+
+    One-line errors for a missing checkpoint or one made for another learner / network (names the keys)."""
+    check_checkpoint(ckpt_path)
+    try:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as err:  # unreadable, truncated, not a torch file
+        fail(f"checkpoint {ckpt_path!r} cannot be read: {str(err).splitlines()[0]}")
+    if isinstance(state, Mapping) and "learner" in state:
+        state = state["learner"]
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:300]
+        fail(f"checkpoint {ckpt_path!r} does not fit learner {type(learner).__name__} (was it trained with another "
+             f"learner_name or features?): {first}")
+    return learner.to(device)
+
+
+def evaluate_shots(
+    learner: torch.nn.Module,
+    dataset: Any,
+    classes: Sequence[str],
+    n_way: int,
+    shots: Sequence[int],
+    q_query: int,
+    num_episodes: int,
+    device: str | torch.device,
+    output_dir: str,
+    seed: int = 0,
+    cross_subject: bool = True,
+    amp: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Meta-test: ``n_way``-way episodes on ``classes`` for each K in ``shots``; writes ``output_dir/metrics.json``.
+
+    The same fixed episodes for every learner (seeded by ``seed`` and K). Each K is one
+    :class:`~monai_metalearn.engines.MetaEvaluator` run with a ``StatsHandler``; the figures are logged and written
+    by :func:`write_metrics` (``extra`` goes to the top level: ``learner``, ``sources`` ...).
+    """
+    import logging
+
+    from monai.handlers import StatsHandler
+
+    from monai_metalearn.data import ClassificationEpisodeDataset, episode_loader
+    from monai_metalearn.engines import MetaEvaluator
+
+    if n_way > len(classes):
+        fail(f"n_way={n_way} but only {len(classes)} test classes: {list(classes)}")
+    evaluators = {}
+    subjects: set[str] = set()
+    for k in shots:
+        try:
+            episodes = ClassificationEpisodeDataset(
+                dataset, n_way=n_way, k_shot=int(k), q_query=q_query, num_episodes=num_episodes, classes=classes,
+                cross_subject=cross_subject, seed=seed + 1000 * int(k),
+            )
+        except ValueError as err:
+            fail(str(err))
+        evaluator = MetaEvaluator(
+            device=device, val_data_loader=episode_loader(episodes, num_workers=num_workers), learner=learner,
+            amp=amp, progress=progress, val_handlers=[StatsHandler(iteration_log=False, name=f"evaluate_{k}shot")],
+        )
+        evaluator.run()
+        evaluators[int(k)] = evaluator
+        logging.getLogger("monai_metalearn").info(
+            f"{n_way}-way {k}-shot: accuracy {evaluator.state.metrics['accuracy']:.4f} "
+            f"+/- {evaluator.state.metrics['accuracy_ci95']:.4f} over {num_episodes} episodes"
+        )
+    for item in getattr(dataset, "data", dataset):
+        if item.get("class") in classes:
+            subjects.add(str(item.get("subject")))
+    return write_metrics(
+        str(Path(output_dir) / "metrics.json"), evaluators, n_way=n_way, q_query=q_query, classes=list(classes),
+        test_subjects=sorted(subjects), cross_subject=cross_subject, **extra,
+    )
+
+
+#: ``python -m monai.bundle run`` arguments that are not config ids.
+_RUN_ARGS = {
+    "config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "args_file", "tracking",
+    "workflow_type", "workflow_name", "properties_path",
+}
+
+
+def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
+    """One-line error for a ``--key value`` override that names no config entry (a typo such as ``--epoch 3``
+    would otherwise be added silently and ignored). Only looks at a ``python -m monai.bundle run`` command line.
+    """
+    import difflib
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0].replace("\\", "/").endswith(("monai/bundle/__main__.py", "monai.bundle")):
+        return
+    keys, files = [], None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            keys.append(name)
+            if name == "config_file":
+                files = value or (argv[i + 1] if i + 1 < len(argv) else None)
+    if not files:
+        return
+    try:
+        config = ConfigParser.load_config_files(_config_file_list(files))
+    except Exception:  # monai reports unreadable configs itself
+        return
+    ids: set[str] = set()
+    dict_ids: set[str] = set()  # a new key inside a dict entry (``--learner_args#inner_lr 0.1``) is fine
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix:
+            ids.add(prefix)
+        if isinstance(node, Mapping):
+            dict_ids.add(prefix)
+            for k, v in node.items():
+                walk(v, f"{prefix}#{k}" if prefix else str(k))
+        elif isinstance(node, list):
+            for j, v in enumerate(node):
+                walk(v, f"{prefix}#{j}")
+
+    walk(config, "")
+    for key in keys:
+        norm = key.replace("::", "#")
+        if norm in _RUN_ARGS or norm in ids or ("#" in norm and norm.rpartition("#")[0] in dict_ids):
+            continue
+        close = difflib.get_close_matches(norm, sorted(i for i in ids if "#" not in i), n=3)
+        hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+        fail(f"unknown config key --{key} (not in {files}){hint}")
+
+
+def _config_file_list(files: str) -> list[str]:
+    """``"['a.json','b.json']"`` / ``"a.json,b.json"`` / ``"a.json"`` -> list of paths."""
+    import ast
+
+    text = str(files).strip()
+    if text.startswith("["):
+        return [str(f) for f in ast.literal_eval(text)]
+    return [f for f in text.split(",") if f]
 
 
 # ---------------------------------------------------------------------------------------------------- inference
@@ -192,12 +416,12 @@ def inference_transforms(spatial_size: Sequence[int] = (32, 32, 32), pixdim: Seq
     from monai_metalearn.data import LoadScand
 
     steps = [
-        LoadScand(keys=["image", "mask"], allow_missing_keys=True),
-        Orientationd(keys=["image", "mask"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")),
+        LoadScand(keys=["image", "roi"], allow_missing_keys=True),
+        Orientationd(keys=["image", "roi"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")),
                      allow_missing_keys=True),
     ]
     if pixdim is not None:
-        steps.append(Spacingd(keys=["image", "mask"], pixdim=pixdim, mode=["bilinear", "nearest"],
+        steps.append(Spacingd(keys=["image", "roi"], pixdim=pixdim, mode=["bilinear", "nearest"],
                               allow_missing_keys=True))
     steps += [
         _MaskCrop(spatial_size),
@@ -209,7 +433,11 @@ def inference_transforms(spatial_size: Sequence[int] = (32, 32, 32), pixdim: Seq
 
 
 class _MaskCrop:
-    """Crops ``image`` around ``mask`` (id ``mask_label`` or any non-zero voxel) when the item has a mask."""
+    """Crops ``image`` around ``roi`` (voxels equal to ``structure``, or any non-zero voxel) when the item has one.
+
+    Internal keys ``roi`` / ``structure`` hold the task file's ``mask`` / ``mask_label`` (MONAI's spatial dictionary
+    transforms treat every key that starts with ``"<key>_"`` as that key's metadata, so ``mask_label`` cannot sit
+    next to ``mask``)."""
 
     def __init__(self, spatial_size: Sequence[int], margin: float = 0.1) -> None:
         self.spatial_size, self.margin = tuple(spatial_size), margin
@@ -218,17 +446,17 @@ class _MaskCrop:
         from monai_metalearn.transforms import CropStructure
 
         d = dict(data)
-        if d.get("mask") is None:
+        if d.get("roi") is None:
             return d
-        mask = d["mask"]
-        structure = d.get("mask_label")
+        roi = d.pop("roi")
+        structure = d.pop("structure", None)
         if structure is None:
-            mask = (mask > 0).to(torch.uint8)
+            roi = (roi > 0).to(torch.uint8)
             structure = 1
         try:
-            d["image"], _ = CropStructure(structure=int(structure), margin=self.margin)(d["image"], mask)
+            d["image"], _ = CropStructure(structure=int(structure), margin=self.margin)(d["image"], roi)
         except ValueError as err:
-            fail(str(err))
+            fail(f"{d.get('name', 'image')}: {err}")
         return d
 
 
@@ -256,7 +484,11 @@ def predict_task(
         out = []
         for i, item in enumerate(items):
             try:
-                out.append(transform({k: v for k, v in item.items() if k in ("image", "mask", "mask_label")})["image"])
+                entry = {"image": item["image"], "name": f"{part}[{i}] {item['image']}"}
+                if item.get("mask") is not None:
+                    entry["roi"] = item["mask"]
+                    entry["structure"] = item.get("mask_label")
+                out.append(transform(entry)["image"])
             except (ScanLoadError, RuntimeError, OSError) as err:
                 fail(f"{part}[{i}] {item['image']}: {str(err).splitlines()[0]}")
         return torch.stack([torch.as_tensor(x) for x in out]).to(device)
@@ -264,10 +496,21 @@ def predict_task(
     sx, qx = load(task["support"], "support"), load(task["query"], "query")
     sy = torch.tensor([classes.index(str(it["label"])) for it in task["support"]], device=device)
     learner = learner.to(device).eval()
-    with torch.enable_grad():
-        predictor = learner.adapt(sx, sy)
+    from monai_metalearn.learners import FineTuneBaseline, ProtoNet
+
+    if isinstance(learner, (ProtoNet, FineTuneBaseline)):
+        learner.n_way = len(classes)  # no fixed head: any number of classes
+    try:
+        with torch.enable_grad():
+            predictor = learner.adapt(sx, sy)
+    except ValueError as err:
+        fail(f"cannot adapt to the support set of {task_file}: {err} (the task has {len(classes)} classes)")
     with torch.no_grad():
-        probs = torch.softmax(predictor(qx).float(), dim=1).cpu()
+        logits = predictor(qx).float()
+    if logits.shape[1] < len(classes):
+        fail(f"the task has {len(classes)} classes but the model was trained {logits.shape[1]}-way: use at most "
+             f"{logits.shape[1]} labels, or a learner without a fixed head (protonet, finetune)")
+    probs = torch.softmax(logits[:, : len(classes)], dim=1).cpu()
     preds = [
         {
             "image": item["image"],

@@ -18,6 +18,7 @@ raise :class:`ScanLoadError` (a ``RuntimeError``) whose message starts with the 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 import zipfile
@@ -34,6 +35,10 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import get_equivalent_dtype, optional_import
 
 from monai_metalearn.data.readers import NpzReader, split_npz_path
+
+# On machines without NVIDIA's nvImageCodec, MONAI logs a warning each time a DICOM series is read; the pydicom
+# fallback it announces is exactly what we use, so the message is noise in every progress bar.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 nib, _ = optional_import("nibabel")
 itk, _ = optional_import("itk")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["build_structure_patches", "patch_transforms", "class_counts"]
+__all__ = ["build_structure_patches", "patch_transforms", "render_patches", "class_counts"]
 
 
 def build_structure_patches(
@@ -170,3 +170,41 @@ def patch_transforms(
         NormalizeIntensityd(keys="image"),
     ]
     return Compose(steps)
+
+
+def render_patches(
+    patches: Sequence[Mapping[str, Any]],
+    transform: Any,
+    seed: int = 0,
+    keys: Sequence[str] = ("image",),
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Applies ``transform`` (e.g. :func:`patch_transforms`) once to every patch, seeded per item, and keeps the
+    results: a fixed, in-memory set of views for evaluation.
+
+    Meta-training wants fresh random views every episode; meta-testing wants every learner to see the *same*
+    views and no transform cost per episode. The returned items keep ``class``, ``subject``, ``view``,
+    ``modality``, ``source``, ``synthetic`` and hold ``keys`` as plain tensors (``label`` maps are dropped: they
+    would carry the answer and are not needed to classify). Item ``i``'s view depends only on ``(seed, i)``.
+
+    Args:
+        patches: :func:`build_structure_patches` output.
+        transform: a MONAI (``Randomizable``) transform chain.
+        seed: base seed.
+        keys: transformed entries to keep.
+        progress: tqdm progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    meta_keys = ("class", "subject", "view", "modality", "source", "synthetic", "structure_id")
+    out = []
+    for i, item in enumerate(tqdm(patches, desc="render views", disable=not progress)):
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=int(np.random.default_rng([seed, i, 11]).integers(0, 2**31 - 1)))
+        result = transform(dict(item))
+        rendered = {k: item[k] for k in meta_keys if k in item}
+        for k in keys:
+            value = result[k]
+            rendered[k] = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+        out.append(rendered)
+    return out
