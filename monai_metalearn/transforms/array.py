@@ -357,6 +357,10 @@ class CropStructure(Transform):
         if np.any(hi_in <= lo_in):
             raise ValueError(f"crop box {start.tolist()}..{end.tolist()} does not overlap the volume {shape.tolist()}")
         out = SpatialCrop(roi_start=lo_in.tolist(), roi_end=hi_in.tolist())(img)
+        if isinstance(out, MetaTensor) and "pixdim" in out.meta:
+            # MONAI shallow-copies meta and writes the new spacing into meta["pixdim"] in place (Resize): give the
+            # patch its own array, or every crop would change the source's pixdim (and PersistentDataset hashes)
+            out.meta["pixdim"] = copy.deepcopy(out.meta["pixdim"])
         before, after = lo_in - start, end - hi_in
         if np.any(before > 0) or np.any(after > 0):
             value = float(img.min()) if pad_value is None else float(pad_value)

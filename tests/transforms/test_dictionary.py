@@ -138,3 +138,29 @@ def test_synth_matches_array(brain):
     two = RandSynthesizeImaged(["l1", "l2"], image_key=["i1", "i2"]).set_random_state(0)({"l1": brain, "l2": brain})
     assert two["i1"].shape == two["i2"].shape == brain.shape and not torch.equal(two["i1"], two["i2"])
     assert np.isclose(float(two["i2"].max()), 1.0)
+
+
+def test_synth_only_if_missing(brain, ct):
+    synth = RandSynthesizeImaged("label", image_key="image", only_if_missing=True)
+    # a real image is kept, and so is its label map (no deformation)
+    real = {"label": brain, "image": ct[0]["image"]}
+    kept = synth.set_random_state(0)(real)
+    assert kept["image"] is real["image"] and kept["label"] is brain
+    # no image, or image None: synthesised exactly as without only_if_missing
+    ref = RandSynthesizeImaged("label", image_key="image").set_random_state(1)({"label": brain})
+    for item in ({"label": brain}, {"label": brain, "image": None}):
+        out = synth.set_random_state(1)(item)
+        assert out["image"].meta["synthetic"] is True and out["image"].shape == brain.shape
+        assert torch.equal(out["image"], ref["image"]) and torch.equal(out["label"], ref["label"])
+        assert not torch.equal(out["label"], brain)
+    assert "image" not in RandSynthesizeImaged("label", only_if_missing=True, prob=0.0)({"label": brain})
+
+
+def test_crops_leave_the_input_metadata_alone(ct):
+    """Resizing a patch must not write the patch spacing into the source's ``meta["pixdim"]`` (shared array)."""
+    item, _ = ct
+    before = {k: np.array(item[k].meta["pixdim"], copy=True) for k in ("image", "label")}
+    out = RandCropStructured(["image", "label"], "label", structure=LIVER, spatial_size=16).set_random_state(0)(item)
+    assert not np.allclose(out["image"].meta["pixdim"][1:4], before["image"][1:4])  # the patch has its own spacing
+    for k in ("image", "label"):
+        assert np.array_equal(item[k].meta["pixdim"], before[k]), k

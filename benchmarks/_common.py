@@ -1,0 +1,132 @@
+"""Helpers shared by the benchmark scripts: JSON results, machine description, README tables, medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+README = BENCH_DIR / "README.md"
+RESULTS_DIR = BENCH_DIR / "results"
+
+__all__ = [
+    "BENCH_DIR",
+    "README",
+    "RESULTS_DIR",
+    "median",
+    "machine_info",
+    "parallel_speedup",
+    "write_json",
+    "update_readme_table",
+]
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of ``values`` (raises ``ValueError`` when empty)."""
+    values = list(values)
+    if not values:
+        raise ValueError("median of an empty list")
+    return float(statistics.median(values))
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _busy_loop(n: int) -> float:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i
+    return time.perf_counter() - t0
+
+
+def parallel_speedup(processes: int = 2, n: int = 10_000_000, repeats: int = 3) -> float:
+    """How much faster ``processes`` CPU-bound processes finish ``processes`` equal tasks than one process does
+    them in turn (ideal: ``processes``; median of ``repeats``). Lower on shared or hyper-threaded CPUs, and an upper
+    bound of what ``num_workers=processes`` can gain. Takes a few seconds."""
+    import multiprocessing as mp
+
+    ratios = []
+    with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(processes) as pool:
+        pool.map(_busy_loop, [1000] * processes)  # workers started
+        for _ in range(repeats):
+            one = _busy_loop(n)
+            t0 = time.perf_counter()
+            pool.map(_busy_loop, [n] * processes)
+            ratios.append(processes * one / (time.perf_counter() - t0))
+    return round(median(ratios), 2)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPUs, memory, library versions, torch threads, GPU if any."""
+    import monai
+    import numpy
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "memory_gib": _memory_gib(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def update_readme_table(marker: str, markdown: str, readme: str | os.PathLike = README) -> Path:
+    """Replace the text between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` in ``readme``.
+
+    Raises:
+        ValueError: the README lacks the two markers (add them where the table belongs).
+    """
+    readme = Path(readme)
+    text = readme.read_text()
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"{readme} has no {start} ... {end} markers.")
+    new = pattern.sub(lambda _: f"{start}\n{markdown.strip()}\n{end}", text, count=1)
+    readme.write_text(new)
+    return readme
