@@ -43,7 +43,8 @@ def _norm_layer(norm: str, channels: int, spatial_dims: int, num_groups: int) ->
 
 
 class ConvEncoder3D(nn.Module):
-    """Small convolutional encoder: ``len(features)`` blocks of conv3x3-norm-ReLU-maxpool2, then global average pool.
+    """Small convolutional encoder: ``len(features)`` blocks of conv3x3-norm-ReLU-maxpool2, then average pooling to
+    ``pooled_size`` voxels per axis, flattened.
 
     Pooling uses ``ceil_mode`` so inputs as small as 8^3 work with four blocks.
     ``norm="instance"`` needs more than one voxel per channel at the last block (e.g. 16^3 or more for four blocks).
@@ -54,6 +55,12 @@ class ConvEncoder3D(nn.Module):
         norm: ``"group"`` (default, batch-independent), ``"instance"``, ``"batch"`` or ``"none"``.
         spatial_dims: 3 for volumes (2 and 1 work too).
         num_groups: the most GroupNorm groups per layer (the gcd with the channel count is used).
+        pooled_size: voxels per axis kept by the final adaptive average pooling; the feature vector has
+            ``features[-1] * pooled_size ** spatial_dims`` entries. ``1`` is global average pooling. After a
+            per-sample normalisation (group / instance norm) and ReLU, a global average is nearly the same for every
+            input at initialisation, which starves head-only adaptation (ANIL, fine-tuning) of signal; ``2`` keeps
+            the coarse layout (front/back, left/right, top/bottom of the patch), like the flattened 5x5 map of the
+            classic 4-block few-shot backbone.
 
     Raises:
         ValueError: for an empty or non-positive ``features``, an unknown ``norm`` or ``spatial_dims``.
@@ -71,9 +78,12 @@ class ConvEncoder3D(nn.Module):
         norm: str = "group",
         spatial_dims: int = 3,
         num_groups: int = 8,
+        pooled_size: int = 1,
     ) -> None:
         super().__init__()
         features = tuple(int(f) for f in features)
+        if pooled_size < 1:
+            raise ValueError(f"pooled_size must be >= 1, got {pooled_size}")
         if not features or min(features) < 1:
             raise ValueError(f"features must be a non-empty sequence of positive ints, got {features}")
         if in_channels < 1:
@@ -86,7 +96,8 @@ class ConvEncoder3D(nn.Module):
         self.features = features
         self.norm = norm
         self.spatial_dims = spatial_dims
-        self.out_features = features[-1]
+        self.pooled_size = int(pooled_size)
+        self.out_features = features[-1] * self.pooled_size**spatial_dims
         blocks = []
         ch = in_channels
         for out in features:
@@ -100,7 +111,7 @@ class ConvEncoder3D(nn.Module):
             )
             ch = out
         self.blocks = nn.Sequential(*blocks)
-        self.pool = _GAP[spatial_dims](1)
+        self.pool = _GAP[spatial_dims](self.pooled_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``[B, C, *spatial]`` to ``[B, features[-1]]``."""

@@ -90,3 +90,24 @@ def test_monai_backbone_kwargs_and_errors():
         monai_backbone("vit")
     with pytest.raises(ValueError, match="feed_forward"):
         monai_backbone("resnet10", feed_forward=True)
+
+
+def test_conv_encoder_pooled_size_keeps_layout():
+    import torch
+
+    from monai_metalearn.networks import ConvEncoder3D
+
+    torch.manual_seed(0)
+    enc = ConvEncoder3D(1, (4, 8), pooled_size=2)
+    assert enc.out_features == 8 * 2**3
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[..., :8] = 1.0  # bright on one side only
+    f = enc(x)
+    assert f.shape == (1, 64)
+    cells = f.view(1, 8, 2, 2, 2)  # channels x (D, H, W) cells; the bright half is W index 0
+    assert not torch.allclose(cells[..., 0], cells[..., 1], atol=1e-3)
+    gap = ConvEncoder3D(1, (4, 8), pooled_size=1)
+    gap.load_state_dict(enc.state_dict())
+    assert torch.allclose(f.view(1, 8, 8).mean(-1), gap(x), atol=1e-5)  # same weights: GAP = mean of the cells
+    with pytest.raises(ValueError, match="pooled_size"):
+        ConvEncoder3D(1, (4,), pooled_size=0)
