@@ -81,7 +81,7 @@ def _cell(summary: dict[str, Any]) -> str:
 def main(
     methods: str | tuple[str, ...] = DEFAULT_METHODS,
     epochs: int = 2,
-    episodes_per_epoch: int = 20,
+    episodes_per_epoch: int = 15,
     test_episodes: int = 100,
     output_dir: str = "outputs/demo",
     progress: bool = False,
