@@ -498,13 +498,18 @@ def predict_task(
     learner = learner.to(device).eval()
     from monai_metalearn.learners import FineTuneBaseline, ProtoNet
 
-    if isinstance(learner, (ProtoNet, FineTuneBaseline)):
-        learner.n_way = len(classes)  # no fixed head: any number of classes
+    flexible = isinstance(learner, (ProtoNet, FineTuneBaseline))  # no fixed head: any number of classes
+    saved_n_way = learner.n_way if flexible else None
     try:
+        if flexible:
+            learner.n_way = len(classes)
         with torch.enable_grad():
             predictor = learner.adapt(sx, sy)
     except ValueError as err:
         fail(f"cannot adapt to the support set of {task_file}: {err} (the task has {len(classes)} classes)")
+    finally:
+        if flexible:
+            learner.n_way = saved_n_way
     with torch.no_grad():
         logits = predictor(qx).float()
     if logits.shape[1] < len(classes):

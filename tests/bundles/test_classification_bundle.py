@@ -237,3 +237,15 @@ def test_class_splits_in_the_config_are_disjoint_and_on_the_data(data_dir):
         assert len(have.get(name, ())) >= 2, (name, have.get(name))
     with pytest.raises(SystemExit, match="liver"):
         app.check_class_splits(train=["liver", "spleen"], test=["liver"])
+
+
+def test_predict_task_leaves_the_learner_as_it_was(data_dir, tmp_path):
+    from monai_metalearn.learners import create_learner
+    from monai_metalearn.networks import ConvEncoder3D
+
+    learner = create_learner("protonet", ConvEncoder3D(1, (4, 8), pooled_size=2), 64, 5)
+    learner.n_way = 5  # as if built for 5-way episodes
+    task = write_task(tmp_path / "task.json", data_dir, (("liver", 5), ("spleen", 1)))
+    result = app.predict_task(learner, str(task), str(tmp_path / "out"), (16, 16, 16), (3.0, 3.0, 3.0))
+    assert result["classes"] == ["liver", "spleen"] and len(result["predictions"]) == 2
+    assert learner.n_way == 5  # a 2-class task did not change the 5-way learner
