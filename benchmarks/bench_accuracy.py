@@ -77,6 +77,9 @@ def table(results: dict) -> str:
     n = results["runs"][0]["metrics"]["by_shot"]["5"]["accuracy"]["n_episodes"]
     subjects = results["runs"][0]["metrics"]["test_subjects"]
     rows.append("")
+    if results.get("not_measured"):
+        rows.append(f"Not measured in this run (CPU time): {', '.join(results['not_measured'])}.")
+        rows.append("")
     rows.append(
         f"{n} episodes per setting (5-way, {cfg['q_query']} queries per class; chance 20%), "
         f"{len(cfg['test_classes'])} held-out real CT structures ({', '.join(cfg['test_classes'])}) of "
@@ -91,6 +94,38 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _config() -> dict:
+    cfg = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    cfg.update(json.loads((BUNDLE / "configs" / "evaluate.json").read_text()))
+    keys = ("train_classes", "val_classes", "test_classes", "sources", "pixdim", "spatial_size", "n_views", "epochs",
+            "episodes_per_epoch", "meta_batch_size", "n_way", "k_shot", "features", "learner_defaults")
+    return {k: cfg[k] for k in keys} | {"q_query": cfg["test_q_query"]}
+
+
+def _log_seconds(log: Path) -> float:
+    """Wall time of a finished run from the first and last timestamps of its log."""
+    import datetime as dt
+
+    stamps = [dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.read_text().splitlines()
+              if len(line) > 23 and line[:2] == "20" and line[4] == "-"]
+    return (stamps[-1] - stamps[0]).total_seconds()
+
+
+def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:
+    runs = []
+    for name in learners:
+        out = work / name
+        if not (out / "metrics.json").is_file():
+            print(f"{name}: not finished, left out")
+            continue
+        runs.append({"learner": name, "train_seconds": round(_log_seconds(out / "train.log"), 1),
+                     "evaluate_seconds": round(_log_seconds(out / "evaluate.log"), 1),
+                     "metrics": json.loads((out / "metrics.json").read_text())})
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs,
+            "threads": args.threads, "config": _config(), "runs": runs,
+            "not_measured": [n for n in learners if n not in {r["learner"] for r in runs}]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--learners", default=",".join(LEARNERS))
@@ -99,17 +134,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--work", default=str(BENCH_DIR / "_work" / "accuracy"))
     parser.add_argument("--from-json", action="store_true", help="only rewrite the README tables")
+    parser.add_argument("--collect", action="store_true",
+                        help="build the results from the learners already finished in --work (an interrupted run)")
     args = parser.parse_args()
     out_json = RESULTS_DIR / "accuracy.json"
     if args.from_json:
         results = json.loads(out_json.read_text())
+    elif args.collect:
+        results = collect(Path(args.work), [n.strip() for n in args.learners.split(",") if n.strip()], args)
+        write_json(out_json, results)
     else:
         if not os.environ.get("MONAI_DATA_DIRECTORY"):
             raise SystemExit("set MONAI_DATA_DIRECTORY")
         work = Path(args.work)
         learners = [n.strip() for n in args.learners.split(",") if n.strip()]
-        cfg = json.loads((BUNDLE / "configs" / "train.json").read_text())
-        cfg.update(json.loads((BUNDLE / "configs" / "evaluate.json").read_text()))
         # build the patch cache once, before the parallel jobs
         first = learners[0]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -121,10 +159,7 @@ def main() -> None:
             "machine": machine_info(),
             "jobs": args.jobs,
             "threads": args.threads,
-            "config": {k: cfg[k] for k in ("train_classes", "val_classes", "test_classes", "sources", "pixdim",
-                                           "spatial_size", "n_views", "epochs", "episodes_per_epoch",
-                                           "meta_batch_size", "n_way", "k_shot", "q_query", "features",
-                                           "learner_defaults")} | {"q_query": cfg["test_q_query"]},
+            "config": _config(),
             "runs": runs,
         }
         write_json(out_json, results)
