@@ -28,8 +28,9 @@ against ``higher_maml`` and of ``project_fomaml`` against ``higher_fo`` (max abs
 identical initial weights); the second- vs first-order difference is recorded too, to show the check would notice
 a missing second-order term.
 
-Timing: the contenders of a setting are run round-robin (the order rotates every round), ``--warmup`` untimed rounds,
-then ``--repeats`` timed rounds; ``gc.collect()`` before each step, outside the timer; CUDA steps are synchronised.
+Timing: the contenders of a setting are run round-robin (the order rotates every round): the gradient check is
+each contender's first, untimed call (warm-up), then ``--warmup`` more untimed rounds (default 0) and ``--repeats``
+timed rounds; ``gc.collect()`` before each step, outside the timer; CUDA steps are synchronised.
 Reported: median, IQR and every run, and the median over rounds of the per-round ratio project / higher (the two
 ran back to back in the same round, so machine noise cancels better than in the ratio of medians).
 
@@ -38,19 +39,19 @@ Memory: one fresh subprocess per contender (this script with ``--memory-worker``
 resident set follows live memory. For each setting it runs a warm-up step (optimizer state, lazy initialisation), then
 resets the process's peak RSS (``/proc/self/clear_refs`` = 5), reads the current RSS and runs one measured step; the
 peak step memory is ``VmHWM`` after the step minus the RSS before it: what the step needs on top of model, optimizer
-state and episode. ``torch.profiler``'s ``profile_memory`` sums allocations instead of giving a peak, and ``tracemalloc``
-does not see torch's buffers. Where the peak cannot be reset (not Linux) ``ru_maxrss`` is used and the settings are
-measured in increasing cost order. On CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the step is
-recorded as well.
+state and episode. ``torch.profiler``'s ``profile_memory`` sums allocations instead of giving a peak, and
+``tracemalloc`` does not see torch's buffers. Where the peak cannot be reset (not Linux) ``ru_maxrss`` is used and
+the settings are measured in increasing cost order. On CUDA ``torch.cuda.max_memory_allocated`` minus the allocation
+before the step is recorded as well.
 
 learn2learn is not measured: it publishes no wheel (an sdist with Cython extensions that does not build against this
 environment); the JSON records the ``pip download --only-binary :all:`` attempt.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_maml_step.py              # conv4, inner steps 1 and 5, 15 repeats
+    .venv/bin/python benchmarks/bench_maml_step.py              # conv4, inner steps 1 and 5, 15 rounds (~12 min)
     .venv/bin/python benchmarks/bench_maml_step.py --quick      # smoke run: inner steps 1, 3 repeats, saves nothing
-    .venv/bin/python benchmarks/bench_maml_step.py --backbones resnet10 --inner-steps 1 --repeats 5   # merged in
+    .venv/bin/python benchmarks/bench_maml_step.py --backbones resnet10 --inner-steps 1 --repeats 3   # merged in
 
 Writes ``benchmarks/results/maml_step.json`` (settings measured earlier and not re-measured are kept, see
 ``--fresh``) and the table between ``<!-- maml_step:start -->`` and ``<!-- maml_step:end -->`` in
@@ -113,7 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbones", nargs="+", default=None, choices=sorted(BACKBONES), help="default: conv4")
     p.add_argument("--inner-steps", type=int, nargs="+", default=None, help="default: 1 5 (quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per setting (default 15, quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 1, quick 0)")
+    p.add_argument(
+        "--warmup", type=int, default=0, help="untimed rounds before timing, after the gradient check (default 0)"
+    )
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     p.add_argument("--synthetic", action="store_true", help="a fixed random episode instead of real CT patches")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -129,7 +132,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.backbones = args.backbones or ["conv4"]
     args.inner_steps = sorted(set(args.inner_steps or ([1] if args.quick else [1, 5])))
     args.repeats = args.repeats or (3 if args.quick else 15)
-    args.warmup = (0 if args.quick else 1) if args.warmup is None else args.warmup
     if args.out is None and not args.quick:
         args.out = RESULTS_DIR / "maml_step.json"
     return args
@@ -309,8 +311,11 @@ def grad_diff(a: list, b: list) -> dict[str, float]:
 
 
 def gradient_check(contenders: dict[str, Contender]) -> dict[str, Any]:
-    """Meta-gradients from identical initial weights: project vs higher, second and first order."""
-    grads = {n: c.meta_gradient() for n, c in contenders.items() if n != "plain"}
+    """Meta-gradients from identical initial weights: project vs higher, second and first order.
+
+    Also the first (untimed) call of every contender, ``plain`` included: kernels, allocator and autograd warmed up.
+    """
+    grads = {n: c.meta_gradient() for n, c in contenders.items()}
     out: dict[str, Any] = {}
     for order, (ours, theirs) in PAIRS.items():
         if ours in grads and theirs in grads:
@@ -340,6 +345,7 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 def time_setting(contenders: dict[str, Contender], repeats: int, warmup: int, device) -> dict[str, list[float]]:
     names = list(contenders)
     runs: dict[str, list[float]] = {n: [] for n in names}
+    last: dict[str, float] = {}
     for r in range(warmup + repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:  # round-robin, rotating start
@@ -348,11 +354,11 @@ def time_setting(contenders: dict[str, Contender], repeats: int, warmup: int, de
             t0 = time.perf_counter()
             contenders[name].step()
             _sync(device)
-            dt = time.perf_counter() - t0
+            last[name] = time.perf_counter() - t0
             if r >= warmup:
-                runs[name].append(dt)
+                runs[name].append(last[name])
         done = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
-        print(f"    {done}: " + ", ".join(f"{n} {runs[n][-1]:.2f}s" for n in names if runs[n]), flush=True)
+        print(f"    {done}: " + ", ".join(f"{n} {last[n]:.2f}s" for n in names), flush=True)
     return runs
 
 
@@ -542,6 +548,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.memory_worker:
@@ -562,6 +575,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
+    load_before = _loadavg()
     episode_cpu, episode_info = make_episode(args.synthetic)
     episode = tuple(t.to(device) for t in episode_cpu)
     print("episode:", episode_info["source"], flush=True)
@@ -636,13 +650,26 @@ def main(argv=None) -> dict:
         "settings": settings,
         "total_s": round(time.perf_counter() - t_start, 1),
     }
+    invocation = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "settings": list(settings),
+        "total_s": out["total_s"],
+        "loadavg_1min_before_after": [load_before, _loadavg()],
+    }
+    out["invocations"] = [invocation]
     if args.out is not None and args.out.exists() and not args.fresh:
         old = json.loads(args.out.read_text())
         kept = {k: v for k, v in old.get("settings", {}).items() if k not in settings}
         if kept:
             print("kept from the previous JSON:", ", ".join(kept))
+            out["invocations"] = [i for i in old.get("invocations", []) if set(i["settings"]) & set(kept)] + [
+                invocation
+            ]
             out["settings"] = {**kept, **settings}
-            out["settings"] = dict(sorted(out["settings"].items(), key=lambda kv: (kv[1]["backbone"], kv[1]["inner_steps"])))
+            out["settings"] = dict(
+                sorted(out["settings"].items(), key=lambda kv: (kv[1]["backbone"], kv[1]["inner_steps"]))
+            )
     print(f"total {out['total_s']} s")
     if args.out is not None:
         print("wrote", write_json(args.out, out))
