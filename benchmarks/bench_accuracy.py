@@ -80,6 +80,9 @@ def table(results: dict) -> str:
     if results.get("not_measured"):
         rows.append(f"Not measured in this run (CPU time): {', '.join(results['not_measured'])}.")
         rows.append("")
+    for note in results.get("notes", []):
+        rows.append(note)
+        rows.append("")
     rows.append(
         f"{n} episodes per setting (5-way, {cfg['q_query']} queries per class; chance 20%), "
         f"{len(cfg['test_classes'])} held-out real CT structures ({', '.join(cfg['test_classes'])}) of "
