@@ -8,7 +8,7 @@ whose images are SYNTHESIZED from the real SynthSeg label maps; the test classes
 Usage::
 
     python -m monai_metalearn.demo                                   # the default methods, a few minutes on 2 CPUs
-    python -m monai_metalearn.demo --methods protonet,maml --epochs 3 --test_episodes 300
+    python -m monai_metalearn.demo --methods finetune,protonet,maml,fomaml --epochs 3 --test_episodes 300
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["bundle_dir", "run_method", "main"]
 
-DEFAULT_METHODS = ("finetune", "protonet", "maml")
+DEFAULT_METHODS = ("finetune", "protonet")
 
 
 def bundle_dir(name: str = "fewshot_classification_3d") -> Path:
