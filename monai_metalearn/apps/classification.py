@@ -185,9 +185,9 @@ def build_learner(
     ``overrides`` (``--learner_args "{'inner_lr': 0.05}"``); one-line error for an unknown learner or argument."""
     import inspect
 
-    from monai_metalearn.learners import LEARNERS, create_learner
+    from monai_metalearn.learners import LEARNERS, create_learner, learner_key
 
-    key = str(name).lower().replace("-", "").replace("_", "")
+    key = learner_key(name)
     if key not in LEARNERS:
         fail(f"unknown learner_name {name!r}; choose one of {sorted(LEARNERS)}")
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
@@ -205,9 +205,9 @@ def build_learner(
 def prepare_episode_for(name: str, train_classes: Sequence[str]):
     """The trainer's ``prepare_episode``: global class ids for the fine-tuning baseline, episode labels otherwise."""
     from monai_metalearn.engines import default_prepare_episode
+    from monai_metalearn.learners import learner_key
 
-    key = str(name).lower().replace("-", "").replace("_", "")
-    return GlobalLabels(train_classes) if key == "finetune" else default_prepare_episode
+    return GlobalLabels(train_classes) if learner_key(name) == "finetune" else default_prepare_episode
 
 
 def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -411,25 +411,34 @@ def load_task_file(path: str | os.PathLike, data_dir: str | None = None) -> dict
 def inference_transforms(spatial_size: Sequence[int] = (32, 32, 32), pixdim: Sequence[float] | None = None):
     """Loading + patch pipeline for task-file images: checked loading, RAS, optional spacing, crop around the
     ``mask`` structure when given (else the whole image), resize to ``spatial_size``, z-score."""
+    from monai.transforms import Compose
+
+    load, patch = _inference_stages(spatial_size, pixdim)
+    return Compose([load, patch])
+
+
+def _inference_stages(spatial_size: Sequence[int], pixdim: Sequence[float] | None):
+    """The two halves of :func:`inference_transforms`: reading a scan (once per file in a task), and cutting one
+    patch out of it (once per task item)."""
     from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, Orientationd, Resized, Spacingd
 
     from monai_metalearn.data import LoadScand
 
-    steps = [
+    load = [
         LoadScand(keys=["image", "roi"], allow_missing_keys=True),
         Orientationd(keys=["image", "roi"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")),
                      allow_missing_keys=True),
     ]
     if pixdim is not None:
-        steps.append(Spacingd(keys=["image", "roi"], pixdim=pixdim, mode=["bilinear", "nearest"],
-                              allow_missing_keys=True))
-    steps += [
+        load.append(Spacingd(keys=["image", "roi"], pixdim=pixdim, mode=["bilinear", "nearest"],
+                             allow_missing_keys=True))
+    patch = [
         _MaskCrop(spatial_size),
         Resized(keys="image", spatial_size=tuple(spatial_size)),
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         NormalizeIntensityd(keys="image"),
     ]
-    return Compose(steps)
+    return Compose(load), Compose(patch)
 
 
 class _MaskCrop:
@@ -477,18 +486,21 @@ def predict_task(
     from monai_metalearn.data import ScanLoadError
 
     task = load_task_file(task_file, data_dir)
-    transform = inference_transforms(spatial_size, pixdim)
+    read, cut = _inference_stages(spatial_size, pixdim)
     classes = sorted({str(it["label"]) for it in task["support"]})
+    scans: dict[tuple[str, str | None], dict[str, Any]] = {}  # a scan used by several items is read once
 
     def load(items: list[dict[str, Any]], part: str) -> torch.Tensor:
         out = []
         for i, item in enumerate(items):
             try:
-                entry = {"image": item["image"], "name": f"{part}[{i}] {item['image']}"}
-                if item.get("mask") is not None:
-                    entry["roi"] = item["mask"]
+                key = (item["image"], item.get("mask"))
+                if key not in scans:
+                    scans[key] = read({"image": key[0]} if key[1] is None else {"image": key[0], "roi": key[1]})
+                entry = {**scans[key], "name": f"{part}[{i}] {item['image']}"}
+                if key[1] is not None:
                     entry["structure"] = item.get("mask_label")
-                out.append(transform(entry)["image"])
+                out.append(cut(entry)["image"])
             except (ScanLoadError, RuntimeError, OSError) as err:
                 fail(f"{part}[{i}] {item['image']}: {str(err).splitlines()[0]}")
         return torch.stack([torch.as_tensor(x) for x in out]).to(device)

@@ -16,7 +16,7 @@ from .base import (
     infer_n_way,
     is_classification_target,
 )
-from .factory import LEARNERS, create_learner
+from .factory import LEARNERS, create_learner, learner_key
 from .finetune import FineTuneBaseline, FineTunedPredictor
 from .maml import ANIL, FOMAML, MAML, MetaSGD
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
@@ -43,5 +43,6 @@ __all__ = [
     "create_learner",
     "infer_n_way",
     "is_classification_target",
+    "learner_key",
     "prototype_logits",
 ]

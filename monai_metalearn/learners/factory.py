@@ -17,7 +17,7 @@ from monai_metalearn.learners.maml import ANIL, FOMAML, MAML, MetaSGD
 from monai_metalearn.learners.protonet import ProtoNet
 from monai_metalearn.learners.reptile import Reptile
 
-__all__ = ["LEARNERS", "create_learner"]
+__all__ = ["LEARNERS", "create_learner", "learner_key"]
 
 #: learner name -> (class, needs a classifier head on the encoder)
 LEARNERS: dict[str, tuple[type[Learner], bool]] = {
@@ -29,6 +29,11 @@ LEARNERS: dict[str, tuple[type[Learner], bool]] = {
     "protonet": (ProtoNet, False),
     "finetune": (FineTuneBaseline, False),
 }
+
+
+def learner_key(name: str) -> str:
+    """The :data:`LEARNERS` key of a learner name: case-insensitive, ``-``/``_`` ignored (``"Meta-SGD"`` -> ``"metasgd"``)."""
+    return str(name).lower().replace("-", "").replace("_", "")
 
 
 def create_learner(
@@ -54,7 +59,7 @@ def create_learner(
     """
     from monai_metalearn.networks import FewShotClassifier
 
-    key = name.lower().replace("-", "").replace("_", "")
+    key = learner_key(name)
     if key not in LEARNERS:
         raise ValueError(f"unknown learner {name!r}; choose one of {sorted(LEARNERS)}.")
     cls, needs_head = LEARNERS[key]
