@@ -49,10 +49,19 @@ def bundle(configs: list[str], out: Path, cache: Path, threads: int, *args: str)
     return time.perf_counter() - t0
 
 
-def run_learner(name: str, work: Path, test_episodes: int, threads: int) -> dict:
+def _trained(out: Path) -> bool:
+    log = out / "train.log"
+    return (out / "model.pt").is_file() and log.is_file() and "Train completed" in log.read_text()
+
+
+def run_learner(name: str, work: Path, test_episodes: int, threads: int, reuse: bool = False) -> dict:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
-    train_s = bundle(["train.json"], out, work / "cache", threads, "--learner_name", name)
+    if reuse and _trained(out):
+        train_s = _log_seconds(out / "train.log")
+        print(f"{name}: reusing the checkpoint trained earlier ({train_s:.0f} s)", flush=True)
+    else:
+        train_s = bundle(["train.json"], out, work / "cache", threads, "--learner_name", name)
     eval_s = bundle(["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name,
                     "--test_episodes", str(test_episodes))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -63,8 +72,8 @@ def run_learner(name: str, work: Path, test_episodes: int, threads: int) -> dict
 
 
 def table(results: dict) -> str:
-    rows = ["| learner | 5-way 1-shot acc. % (95% CI) | 5-way 5-shot acc. % (95% CI) | train time (s) |",
-            "|---|---:|---:|---:|"]
+    rows = ["| learner | 5-way 1-shot acc. % (95% CI) | 5-way 5-shot acc. % (95% CI) | episodes | train time (s) |",
+            "|---|---:|---:|---:|---:|"]
     best = max(results["runs"], key=lambda r: r["metrics"]["by_shot"]["5"]["accuracy"]["mean"])
     for r in results["runs"]:
         cells = []
@@ -72,9 +81,11 @@ def table(results: dict) -> str:
             acc = r["metrics"]["by_shot"][k]["accuracy"]
             cells.append(f"{100 * acc['mean']:.1f} ± {100 * acc['ci95']:.1f}")
         name = f"**{r['learner']}**" if r is best else r["learner"]
-        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {r['train_seconds']:.0f} |")
+        n_ep = r["metrics"]["by_shot"]["5"]["accuracy"]["n_episodes"]
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {n_ep} | {r['train_seconds']:.0f} |")
     cfg = results["config"]
-    n = results["runs"][0]["metrics"]["by_shot"]["5"]["accuracy"]["n_episodes"]
+    counts = sorted({r["metrics"]["by_shot"]["5"]["accuracy"]["n_episodes"] for r in results["runs"]})
+    n = " or ".join(str(c) for c in counts)
     subjects = results["runs"][0]["metrics"]["test_subjects"]
     rows.append("")
     if results.get("not_measured"):
@@ -137,6 +148,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--work", default=str(BENCH_DIR / "_work" / "accuracy"))
     parser.add_argument("--from-json", action="store_true", help="only rewrite the README tables")
+    parser.add_argument("--reuse", action="store_true",
+                        help="skip training where --work already holds a finished checkpoint of the learner")
     parser.add_argument("--collect", action="store_true",
                         help="build the results from the learners already finished in --work (an interrupted run)")
     args = parser.parse_args()
@@ -154,8 +167,8 @@ def main() -> None:
         # build the patch cache once, before the parallel jobs
         first = learners[0]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            head = run_learner(first, work, args.test_episodes, args.threads)
-            runs = [head] + list(pool.map(lambda n: run_learner(n, work, args.test_episodes, args.threads),
+            head = run_learner(first, work, args.test_episodes, args.threads, args.reuse)
+            runs = [head] + list(pool.map(lambda n: run_learner(n, work, args.test_episodes, args.threads, args.reuse),
                                           learners[1:]))
         results = {
             "date": time.strftime("%Y-%m-%d"),

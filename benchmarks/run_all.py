@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ["bench_episodes.py", "bench_maml_step.py", "bench_accuracy.py"]
+SCRIPTS = ["bench_episodes.py", "bench_maml_step.py", "bench_accuracy.py", "bench_segmentation.py"]
 
 
 def main(argv: list[str]) -> int:

@@ -172,24 +172,35 @@ class SegmentationEpisodeDataset(TorchDataset):
 
     The base dataset gives whole multi-label subjects (``image`` + ``label`` + a ``structures`` name -> id map per
     item); each episode picks a structure, draws K + Q distinct subjects that have it, turns their label maps into
-    that structure's binary mask (:class:`~monai_metalearn.transforms.SelectStructured`), then applies
-    ``episode_transform`` (e.g. ``RandCropByPosNegLabeld`` to training patches, or a resize) seeded per episode.
+    that structure's binary mask (:class:`~monai_metalearn.transforms.SelectStructured`), then applies the support
+    or query transform (e.g. ``RandCropByPosNegLabeld`` to training patches, or nothing to keep whole volumes for
+    sliding-window evaluation), seeded per example. A transform that returns several samples (``num_samples``)
+    contributes all of them: ``support_image`` then holds ``K * num_samples`` patches.
 
     Args:
-        data: MONAI dataset (or list of dicts) of subjects.
+        data: MONAI dataset (or list of dicts) of subjects. Its own (random) transform runs before the structure is
+            selected and sees the whole label map (e.g. image synthesis from a label map).
         structures: structure names to draw episodes from (one meta-split).
         k_shot, q_query: support and query subjects per episode.
         num_episodes: dataset length.
-        episode_transform: callable on ``{"image", "label"}`` dicts after the structure is selected; its random
-            state is seeded per example when it has ``set_random_state``.
+        episode_transform: callable on ``{"image", "label"}`` dicts after the structure is selected, for support and
+            query alike; its random state is seeded per example when it has ``set_random_state``.
         structures_key, subject_key, image_key, label_key: keys in the items.
         seed: episodes are functions of ``(seed, index)``.
         stack: stack examples into ``[K, C, ...]`` tensors (needs equal shapes); if False, lists of tensors
             (whole volumes of different sizes, for sliding-window evaluation).
+        support_transform, query_transform: per-side transforms replacing ``episode_transform`` (e.g. support
+            patches for adaptation, whole query volumes for evaluation).
+        support_subjects, query_subjects: subject ids allowed on each side (default: any); e.g. support from the
+            label-map subjects and query from the real T1 only.
+        balanced: structures are taken in turn (episode ``i`` uses ``structures[i % S]``) and the query subjects in
+            turn within a structure, so that every (structure, query subject) pair is evaluated equally often (fixed
+            evaluation episodes); otherwise both are drawn at random.
 
     Raises:
-        ValueError: a structure present in fewer than ``k_shot + q_query`` distinct subjects (the message lists
-            the subjects that have it), an unknown structure, or an empty structure list.
+        ValueError: a structure present in fewer than ``k_shot + q_query`` distinct subjects (or in too few of the
+            allowed support / query subjects; the message lists the subjects that have it), an unknown structure,
+            or an empty structure list.
     """
 
     def __init__(
@@ -206,6 +217,11 @@ class SegmentationEpisodeDataset(TorchDataset):
         label_key: str = "label",
         seed: int = 0,
         stack: bool = True,
+        support_transform: Callable | None = None,
+        query_transform: Callable | None = None,
+        support_subjects: Sequence[str] | None = None,
+        query_subjects: Sequence[str] | None = None,
+        balanced: bool = False,
     ) -> None:
         from monai_metalearn.transforms import SelectStructured
 
@@ -221,30 +237,55 @@ class SegmentationEpisodeDataset(TorchDataset):
         self.keys = (image_key, label_key)
         self.structures_key, self.subject_key = structures_key, subject_key
         self.episode_transform = episode_transform
+        self.support_transform = support_transform if support_transform is not None else episode_transform
+        self.query_transform = query_transform if query_transform is not None else episode_transform
         self.num_episodes, self.seed, self.stack = int(num_episodes), int(seed), bool(stack)
+        self.balanced = bool(balanced)
         self.epoch = 0
 
         # one example per subject and structure: subject -> first item index holding the structure
         self.index: dict[str, dict[str, int]] = {}
         known: set[str] = set()
+        subjects_seen: set[str] = set()
         for i, item in enumerate(raw):
             for key in (structures_key, subject_key, label_key):
                 if key not in item:
                     raise KeyError(f"item {i} has no {key!r} key (keys: {sorted(item)}).")
             names = item[structures_key]
             known |= set(names)
+            subjects_seen.add(str(item[subject_key]))
             for s in names:
                 self.index.setdefault(s, {}).setdefault(str(item[subject_key]), i)
         unknown = [s for s in self.structures if s not in known]
         if unknown:
             raise ValueError(f"structures {unknown} are in no item's {structures_key!r} map; known: {sorted(known)}.")
+        self.support_subjects = None if support_subjects is None else [str(s) for s in support_subjects]
+        self.query_subjects = None if query_subjects is None else [str(s) for s in query_subjects]
+        for side, pool in (("support_subjects", self.support_subjects), ("query_subjects", self.query_subjects)):
+            missing = sorted(set(pool or ()) - subjects_seen)
+            if missing:
+                raise ValueError(f"{side} {missing} are not subjects of the dataset; known: {sorted(subjects_seen)}.")
         need = self.k_shot + self.q_query
-        short = {s: sorted(self.index[s]) for s in self.structures if len(self.index[s]) < need}
+        short = {}
+        for s in self.structures:
+            have = sorted(self.index[s])
+            sup, qry = self._pools(s)
+            if len(have) < need or len(sup) < self.k_shot or len(qry) < self.q_query or len(set(sup) | set(qry)) < need:
+                short[s] = have
         if short:
-            raise ValueError(
-                f"{len(short)} structure(s) are present in fewer than k_shot + q_query = {need} distinct subjects: "
-                + "; ".join(f"{s!r} in {subs}" for s, subs in short.items())
+            where = "" if self.support_subjects is None and self.query_subjects is None else (
+                f" (support from {self.support_subjects or 'any subject'}, query from {self.query_subjects or 'any subject'})"
             )
+            raise ValueError(
+                f"{len(short)} structure(s) are present in fewer than k_shot + q_query = {need} distinct subjects"
+                f"{where}: " + "; ".join(f"{s!r} in {subs}" for s, subs in short.items())
+            )
+
+    def _pools(self, structure: str) -> tuple[list[str], list[str]]:
+        have = sorted(self.index[structure])
+        sup = [s for s in have if self.support_subjects is None or s in self.support_subjects]
+        qry = [s for s in have if self.query_subjects is None or s in self.query_subjects]
+        return sup, qry
 
     def __len__(self) -> int:
         return self.num_episodes
@@ -255,46 +296,71 @@ class SegmentationEpisodeDataset(TorchDataset):
 
     def episode(self, index: int) -> tuple[str, list[int], list[int]]:
         """``(structure, support item indices, query item indices)`` of episode ``index`` of the current epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch * self.num_episodes + int(index)])
-        structure = self.structures[int(rng.integers(len(self.structures)))]
-        subjects = sorted(self.index[structure])
-        chosen = [subjects[i] for i in rng.choice(len(subjects), size=self.k_shot + self.q_query, replace=False)]
-        items = [self.index[structure][s] for s in chosen]
-        return structure, items[: self.k_shot], items[self.k_shot :]
+        position = self.epoch * self.num_episodes + int(index)
+        rng = np.random.default_rng([self.seed, position])
+        if self.balanced:
+            structure = self.structures[position % len(self.structures)]
+            turn = position // len(self.structures)
+        else:
+            structure = self.structures[int(rng.integers(len(self.structures)))]
+            turn = None
+        sup_pool, qry_pool = self._pools(structure)
+        if turn is not None:
+            start = (turn * self.q_query) % len(qry_pool)
+            rotated = qry_pool[start:] + qry_pool[:start]
+            query = rotated[: self.q_query]
+        else:
+            # draw the query side first from the subjects that leave enough support subjects
+            query = []
+            for s in [qry_pool[i] for i in rng.permutation(len(qry_pool))]:
+                if len(query) < self.q_query and len([x for x in sup_pool if x not in query and x != s]) >= self.k_shot:
+                    query.append(s)
+        rest = [s for s in sup_pool if s not in query]
+        if len(query) < self.q_query or len(rest) < self.k_shot:
+            raise ValueError(
+                f"episode {index}: structure {structure!r} cannot give {self.q_query} query and {self.k_shot} "
+                f"support subject(s) that differ (support pool {sup_pool}, query pool {qry_pool})."
+            )
+        support = [rest[i] for i in rng.choice(len(rest), size=self.k_shot, replace=False)]
+        return (
+            structure,
+            [self.index[structure][s] for s in support],
+            [self.index[structure][s] for s in query],
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range 0..{self.num_episodes - 1}")
         structure, support, query = self.episode(index)
         select = self._select(keys=self.keys[1], structure=structure, label_names_key=self.structures_key)
-        images, masks = [], []
+        sides: dict[str, tuple[list, list]] = {"support": ([], []), "query": ([], [])}
         for pos, j in enumerate(support + query):
+            side = "support" if pos < len(support) else "query"
+            transform = self.support_transform if side == "support" else self.query_transform
             seed = _item_seed(self.seed, self.epoch * self.num_episodes + index, pos)
             item = dict(_read(self.data, j, seed))
             item = select(item)
-            if self.episode_transform is not None:
-                if hasattr(self.episode_transform, "set_random_state"):
-                    self.episode_transform.set_random_state(seed=seed)
-                item = self.episode_transform(item)
-                if isinstance(item, list):
-                    item = item[0]
-            images.append(item[self.keys[0]])
-            masks.append(item[self.keys[1]])
+            if transform is not None:
+                if hasattr(transform, "set_random_state"):
+                    transform.set_random_state(seed=seed)
+                item = transform(item)
+            for sample in item if isinstance(item, list) else [item]:
+                sides[side][0].append(sample[self.keys[0]])
+                sides[side][1].append(sample[self.keys[1]])
         raw = _raw_items(self.data)
-        k = len(support)
-        if self.stack:
-            images = _stack(images, f"episode {index} images ({structure})")
-            masks = _stack(masks, f"episode {index} masks ({structure})")
-        return {
-            "support_image": images[:k],
-            "support_label": masks[:k],
-            "query_image": images[k:],
-            "query_label": masks[k:],
-            "structure": structure,
-            "support_subject": [str(raw[j][self.subject_key]) for j in support],
-            "query_subject": [str(raw[j][self.subject_key]) for j in query],
-            "episode": self.epoch * self.num_episodes + index,
-        }
+        out: dict[str, Any] = {}
+        for side, (images, masks) in sides.items():
+            if self.stack:
+                images = _stack(images, f"episode {index} {side} images ({structure})")
+                masks = _stack(masks, f"episode {index} {side} masks ({structure})")
+            out[f"{side}_image"], out[f"{side}_label"] = images, masks
+        out.update(
+            structure=structure,
+            support_subject=[str(raw[j][self.subject_key]) for j in support],
+            query_subject=[str(raw[j][self.subject_key]) for j in query],
+            episode=self.epoch * self.num_episodes + index,
+        )
+        return out
 
 
 def episode_collate(batch: Any) -> Any:

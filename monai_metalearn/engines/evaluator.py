@@ -84,6 +84,12 @@ class MetaEvaluator(Evaluator):
         to_kwargs: further ``Tensor.to`` arguments for ``prepare_episode``.
         amp_kwargs: further ``torch.autocast`` arguments.
         progress: attach an ignite ``ProgressBar`` (tqdm).
+        inferer: how the adapted predictor is run on the query images, ``inferer(query_x, predictor)`` (a MONAI
+            ``Inferer``, e.g. ``SlidingWindowInferer(roi_size=(32, 32, 32))`` to segment whole volumes with a
+            predictor adapted on patches); default ``predictor(query_x)``.
+
+    ``engine.state.episode_records`` holds one dict per episode: its value, ``structure`` (segmentation) and the
+    support / query subjects when the episode names them, e.g. to report CT-1 -> CT-2 and CT-2 -> CT-1 separately.
 
     Example::
 
@@ -117,6 +123,7 @@ class MetaEvaluator(Evaluator):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
         progress: bool = False,
+        inferer: Callable | None = None,
     ) -> None:
         if task not in ("classification", "segmentation"):
             raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}.")
@@ -147,6 +154,7 @@ class MetaEvaluator(Evaluator):
             amp_kwargs=amp_kwargs,
         )
         self.learner = learner
+        self.inferer = inferer
         self.task = task
         self.value_key = _value_key(task)
         self.learner_mode = mode
@@ -166,6 +174,7 @@ class MetaEvaluator(Evaluator):
     # ----------------------------------------------------------------------------------------------- bookkeeping
     def _reset_records(self) -> None:
         self.state.episode_values = []
+        self.state.episode_records = []
         self.state.per_class = {}
         self.state.per_class_counts = {}
         self.state.summary = {}
@@ -265,6 +274,11 @@ class MetaEvaluator(Evaluator):
             value = float(binary_dice(pred, target))
             self._group_values[str(episode.get("structure", "structure"))].append(value)
         self.state.episode_values.append(value)
+        record: dict[str, Any] = {self.value_key: value}
+        for key in ("episode", "structure", "support_subject", "query_subject"):
+            if key in episode:
+                record[key] = episode[key]
+        self.state.episode_records.append(record)
         out: dict[str, Any] = {self.value_key: value, "loss": loss}
         if isinstance(episode.get("episode"), int):
             out["episode"] = episode["episode"]
@@ -296,7 +310,7 @@ class MetaEvaluator(Evaluator):
             with torch.enable_grad(), autocast_context(engine.amp, device, engine.amp_dtype, **engine.amp_kwargs):
                 predictor = engine.learner.adapt(sx, sy)
                 with torch.no_grad():
-                    logits = predictor(qx)
+                    logits = predictor(qx) if engine.inferer is None else engine.inferer(qx, predictor)
             outputs.append(engine._score(logits, qy, ep))
             del predictor, logits
             if engine.restore_state:

@@ -1,4 +1,5 @@
-"""Few-shot learners: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNet and the fine-tuning baselines.
+"""Few-shot learners: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNet and the fine-tuning baselines; for few-shot
+segmentation, prototype segmentation (PANet / SSL-ALPNet), the segmentation fine-tuning baselines and a factory.
 
 Every learner follows :class:`~monai_metalearn.learners.base.Learner`: ``meta_loss``, ``adapt``, ``outer_step`` and
 ``meta_batch_step`` on episode tensors ``(support_x, support_y, query_x, query_y)``.
@@ -21,6 +22,21 @@ from .finetune import FineTuneBaseline, FineTunedPredictor
 from .maml import ANIL, FOMAML, MAML, MetaSGD
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
 from .reptile import Reptile
+from .segmentation import (
+    SEGMENTATION_LEARNERS,
+    PrototypeSegmenter,
+    PrototypeSegPredictor,
+    SegmentationFineTune,
+    SegmentationFineTunedPredictor,
+    SegmentationGlobalLabels,
+    SegmentationLoss,
+    create_segmentation_learner,
+    dice_from_logits,
+    local_prototypes,
+    masked_average_pooling,
+    prototype_segmentation_logits,
+    segmentation_loss,
+)
 
 __all__ = [
     "ANIL",
@@ -35,14 +51,27 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "PrototypePredictor",
+    "PrototypeSegPredictor",
+    "PrototypeSegmenter",
     "Reptile",
+    "SEGMENTATION_LEARNERS",
+    "SegmentationFineTune",
+    "SegmentationFineTunedPredictor",
+    "SegmentationGlobalLabels",
+    "SegmentationLoss",
     "accuracy",
     "average_metrics",
     "check_episode",
     "compute_prototypes",
     "create_learner",
+    "create_segmentation_learner",
+    "dice_from_logits",
     "infer_n_way",
     "is_classification_target",
     "learner_key",
+    "local_prototypes",
+    "masked_average_pooling",
     "prototype_logits",
+    "prototype_segmentation_logits",
+    "segmentation_loss",
 ]

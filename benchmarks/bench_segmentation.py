@@ -1,0 +1,290 @@
+"""Few-shot segmentation Dice of every learner on held-out structures, through the segmentation bundle.
+
+Each learner is meta-trained with the bundle's default ``train.json`` (``python -m monai.bundle run``, exactly what a
+user runs) and evaluated with ``evaluate.json``: whole query volumes segmented with a sliding window after adapting
+on patches of the support scans, in two protocols:
+
+* ``ct_cross_subject``: held-out abdominal organs (liver, spleen, stomach, pancreas), support from one real CT and
+  query the other (CT-1 -> CT-2 and CT-2 -> CT-1), 1-shot (only 2 CT subjects carry these organs);
+* ``brain_labelmaps_to_t1``: held-out brain structures, support images SYNTHESIZED from the real SynthSeg label maps,
+  query the real T1 MRI, 1-shot and 5-shot.
+
+Then, per learner, the adaptation cost on one fixed 1-shot CT episode: time (median of repeats) and the peak memory
+added by adaptation (CPU: growth of the process's maximum resident set, measured in a fresh process; CUDA: peak
+allocated). Writes ``results/segmentation.json`` and the tables in ``benchmarks/README.md`` and
+``bundles/fewshot_segmentation_3d/docs/README.md``.
+
+Usage::
+
+    python benchmarks/bench_segmentation.py                          # all learners, bundle defaults
+    python benchmarks/bench_segmentation.py --learners protoseg,maml --jobs 1 --reuse
+    python benchmarks/bench_segmentation.py --collect                # tables from the learners finished in --work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_DIR, RESULTS_DIR, machine_info, median, update_readme_table, write_json  # noqa: E402
+
+ROOT = BENCH_DIR.parent
+BUNDLE = ROOT / "bundles" / "fewshot_segmentation_3d"
+DOCS = BUNDLE / "docs" / "README.md"
+LEARNERS = ("protoseg", "finetune", "scratch", "maml", "fomaml", "anil", "reptile")
+MARKER = "dice"
+#: SSL-ALPNet (Ouyang et al., ECCV 2020), 1-shot abdominal CT organs, 2D, mean Dice (%) of its setting.
+ALPNET_ANCHOR = 73.0
+
+
+def _log_seconds(log: Path) -> float:
+    import datetime as dt
+
+    stamps = [dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.read_text().splitlines()
+              if len(line) > 23 and line[:2] == "20" and line[4] == "-"]
+    return (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else 0.0
+
+
+def bundle(configs: list[str], out: Path, cache: Path, threads: int, *args: str) -> float:
+    files = "[" + ",".join(f"'configs/{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--output_dir", str(out),
+           "--ckpt_path", str(out / "model.pt"), "--cache_dir", str(cache), "--progress", "False", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log_file = out / f"{configs[-1].split('.')[0]}.log"
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed, see {log_file}")
+    return time.perf_counter() - t0
+
+
+def _trained(out: Path) -> bool:
+    log = out / "train.log"
+    return (out / "model.pt").is_file() and log.is_file() and "Train completed" in log.read_text()
+
+
+_ADAPT_SCRIPT = r"""
+import json, resource, sys, time, torch
+from monai.bundle import ConfigParser
+bundle, ckpt, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+parser = ConfigParser()
+parser.read_config(f"{bundle}/configs/train.json")
+parser["learner_name"] = sys.argv[4]
+parser["progress"] = False
+parser["cache_dir"] = sys.argv[5]
+app = parser.get_parsed_content("imports", instantiate=True)
+from monai_metalearn.apps import segmentation as seg
+from monai_metalearn.data import SegmentationEpisodeDataset
+from monai_metalearn.engines import default_prepare_episode
+learner = parser.get_parsed_content("learner")
+seg.load_learner(learner, ckpt, "cpu" if not torch.cuda.is_available() else "cuda")
+device = next(learner.parameters()).device
+dataset = parser.get_parsed_content("dataset")
+patch, n = parser["patch_size"], parser["eval_patches"]
+episodes = SegmentationEpisodeDataset(dataset, ["liver"], 1, 1, 1, support_transform=seg.patch_transforms(patch, n),
+                                      query_transform=seg.volume_transforms(), query_subjects=["totalseg_ct2"])
+sx, sy, qx, qy = default_prepare_episode(episodes[0], device)
+inferer = seg.sliding_window_inferer(patch)
+learner.eval()
+base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+    base_cuda = torch.cuda.memory_allocated()
+adapt, infer = [], []
+for _ in range(repeats):
+    t = time.perf_counter()
+    with torch.enable_grad():
+        predictor = learner.adapt(sx, sy)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    adapt.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    with torch.no_grad():
+        logits = inferer(qx, predictor)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    infer.append(time.perf_counter() - t)
+out = {"adapt_seconds": adapt, "segment_seconds": infer, "support_patches": int(sx.shape[0]),
+       "query_shape": list(qx.shape[2:]), "device": device.type,
+       "peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024}
+if device.type == "cuda":
+    out["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+print("RESULT " + json.dumps(out))
+"""
+
+
+def adaptation_cost(name: str, out: Path, cache: Path, threads: int, repeats: int = 3) -> dict:
+    """Adaptation time and memory of a trained learner on one fixed 1-shot CT episode (liver, CT-1 -> CT-2)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", _ADAPT_SCRIPT, str(BUNDLE), str(out / "model.pt"), str(repeats), name,
+                           str(cache)], cwd=BUNDLE, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"adaptation cost of {name} failed:\n{proc.stderr[-2000:]}")
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["adapt_median_s"] = median(res["adapt_seconds"])
+    res["segment_median_s"] = median(res["segment_seconds"])
+    return res
+
+
+def run_learner(name: str, work: Path, threads: int, reuse: bool, test_episodes: int | None) -> dict:
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    if reuse and _trained(out):
+        train_s = _log_seconds(out / "train.log")
+        print(f"{name}: reusing the checkpoint trained earlier ({train_s:.0f} s)", flush=True)
+    else:
+        train_s = bundle(["train.json"], out, work / "cache", threads, "--learner_name", name)
+    extra = [] if test_episodes is None else ["--test_episodes", str(test_episodes)]
+    if not (reuse and (out / "metrics.json").is_file()):
+        bundle(["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name, *extra)
+    cost = adaptation_cost(name, out, work / "cache", threads)
+    (out / "cost.json").write_text(json.dumps(cost, indent=2))
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"{name}: CT 1-shot Dice {_cell(metrics, 'ct_cross_subject', '1')}, "
+          f"brain->T1 1-shot {_cell(metrics, 'brain_labelmaps_to_t1', '1')} (train {train_s:.0f} s)", flush=True)
+    return {"learner": name, "train_seconds": round(train_s, 1),
+            "evaluate_seconds": round(_log_seconds(out / "evaluate.log"), 1), "metrics": metrics, "cost": cost}
+
+
+def _cell(metrics: dict, protocol: str, k: str, direction: str | None = None) -> str:
+    entry = metrics.get("by_protocol", {}).get(protocol, {}).get(k)
+    if entry is None:
+        return "n/a"
+    d = entry["dice"] if direction is None else entry.get("per_direction", {}).get(direction)
+    if d is None:
+        return "n/a"
+    ci = d.get("ci95")
+    n = d.get("n_episodes", d.get("n"))
+    return f"{100 * d['mean']:.1f} ± {100 * ci:.1f} ({n})" if ci is not None else f"{100 * d['mean']:.1f} ({n})"
+
+
+def table(results: dict) -> str:
+    ct12, ct21 = "totalseg_ct1 -> totalseg_ct2", "totalseg_ct2 -> totalseg_ct1"
+    rows = ["| learner | CT-1 → CT-2 | CT-2 → CT-1 | CT 1-shot (all) | label maps → T1, 1-shot | label maps → T1, 5-shot "
+            "| adapt s (CPU) | adapt peak MiB | train s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        m, c = r["metrics"], r.get("cost", {})
+        rows.append(
+            f"| {r['learner']} | {_cell(m, 'ct_cross_subject', '1', ct12)} | {_cell(m, 'ct_cross_subject', '1', ct21)} "
+            f"| {_cell(m, 'ct_cross_subject', '1')} | {_cell(m, 'brain_labelmaps_to_t1', '1')} "
+            f"| {_cell(m, 'brain_labelmaps_to_t1', '5')} | {c.get('adapt_median_s', float('nan')):.1f} "
+            f"| {c.get('peak_rss_growth_mib', float('nan')):.0f} | {r['train_seconds']:.0f} |"
+        )
+    rows.append("")
+    rows.append("Per structure (1-shot Dice %, mean ± 95% CI over episodes):")
+    rows.append("")
+    structures: list[str] = []
+    for r in results["runs"]:
+        for s in r["metrics"]["by_shot"].get("1", {}).get("per_structure", {}):
+            if s not in structures:
+                structures.append(s)
+    rows.append("| structure | " + " | ".join(r["learner"] for r in results["runs"]) + " |")
+    rows.append("|---|" + "---:|" * len(results["runs"]))
+    for s in structures:
+        cells = []
+        for r in results["runs"]:
+            d = r["metrics"]["by_shot"].get("1", {}).get("per_structure", {}).get(s)
+            if d is None:
+                cells.append("n/a")
+            else:
+                ci = d.get("ci95")
+                cells.append(f"{100 * d['mean']:.1f} ± {100 * ci:.1f}" if ci is not None else f"{100 * d['mean']:.1f}")
+        rows.append(f"| {s} | " + " | ".join(cells) + " |")
+    rows.append("")
+    if results.get("not_measured"):
+        rows.append(f"Not measured in this run (CPU time): {', '.join(results['not_measured'])}.")
+        rows.append("")
+    cfg = results["config"]
+    rows.append(
+        "Dice % of whole query volumes (sliding window at the training patch size, 3 mm), mean ± 95% t-interval over "
+        "episodes (episode count in brackets). CT: held-out organs "
+        f"({', '.join(cfg['test_ct_structures'])}) of 2 real subjects (TotalSegmentator CT-1 and CT-2; their label "
+        "maps are TotalSegmentator outputs, not manual labels; CT-2 is a 20-slice slab, so its organs are partial). "
+        f"Brain: held-out structures ({', '.join(cfg['test_brain_structures'])}); support images are SYNTHETIC, drawn "
+        "from the 20 real SynthSeg label maps, the query is the real voxelmorph T1. Meta-training: "
+        f"{len(cfg['train_structures'])} structures of real CT, the real T1 and SYNTHETIC images of the SynthSeg maps; "
+        f"bundle defaults ({cfg['epochs']} x {cfg['episodes_per_epoch']} meta-batches of {cfg['meta_batch_size']} "
+        f"episodes, {cfg['n_patches']} patches of {cfg['patch_size']} per subject). Adaptation cost: one 1-shot "
+        f"episode (liver, CT-1 -> CT-2, {cfg['eval_patches']} support patches), median of 3; peak MiB = growth of the "
+        f"process's maximum resident memory during adaptation and segmentation. Measured {results['date']} on "
+        f"{results['machine'].get('cpu_count')} CPU cores ({results['jobs']} runs in parallel, {results['threads']} "
+        f"thread(s) each). Anchor: SSL-ALPNet reports about {ALPNET_ANCHOR:.0f} mean Dice on abdominal CT organs, "
+        "1-shot, in 2D with many more training subjects; with 2 subjects the CIs measure episode-to-episode spread, "
+        "not population uncertainty."
+    )
+    return "\n".join(rows)
+
+
+def _config() -> dict:
+    cfg = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    cfg.update(json.loads((BUNDLE / "configs" / "evaluate.json").read_text()))
+    keys = ("train_structures", "val_structures", "test_ct_structures", "test_brain_structures", "sources", "pixdim",
+            "patch_size", "n_patches", "eval_patches", "epochs", "episodes_per_epoch", "meta_batch_size", "channels",
+            "feature_channels", "learner_defaults", "test_shots", "test_episodes")
+    return {k: cfg[k] for k in keys}
+
+
+def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:
+    runs = []
+    for name in learners:
+        out = work / name
+        if not (out / "metrics.json").is_file():
+            print(f"{name}: not finished, left out")
+            continue
+        cost = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
+        runs.append({"learner": name, "train_seconds": round(_log_seconds(out / "train.log"), 1),
+                     "evaluate_seconds": round(_log_seconds(out / "evaluate.log"), 1),
+                     "metrics": json.loads((out / "metrics.json").read_text()), "cost": cost})
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs, "threads": args.threads,
+            "config": _config(), "runs": runs,
+            "not_measured": [n for n in learners if n not in {r["learner"] for r in runs}]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--learners", default=",".join(LEARNERS))
+    parser.add_argument("--jobs", type=int, default=1, help="learners trained at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--test_episodes", type=int, default=None, help="default: evaluate.json's")
+    parser.add_argument("--work", default=str(BENCH_DIR / "_work" / "segmentation"))
+    parser.add_argument("--reuse", action="store_true", help="skip what --work already holds for a learner")
+    parser.add_argument("--from-json", action="store_true", help="only rewrite the README tables")
+    parser.add_argument("--collect", action="store_true", help="results from the learners finished in --work")
+    args = parser.parse_args()
+    out_json = RESULTS_DIR / "segmentation.json"
+    learners = [n.strip() for n in args.learners.split(",") if n.strip()]
+    if args.from_json:
+        results = json.loads(out_json.read_text())
+    elif args.collect:
+        results = collect(Path(args.work), learners, args)
+        write_json(out_json, results)
+    else:
+        if not os.environ.get("MONAI_DATA_DIRECTORY"):
+            raise SystemExit("set MONAI_DATA_DIRECTORY")
+        work = Path(args.work)
+        head = run_learner(learners[0], work, args.threads, args.reuse, args.test_episodes)  # builds the subject cache
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            rest = list(pool.map(lambda n: run_learner(n, work, args.threads, args.reuse, args.test_episodes),
+                                 learners[1:]))
+        results = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs,
+                   "threads": args.threads, "config": _config(), "runs": [head] + rest}
+        write_json(out_json, results)
+    md = table(results)
+    update_readme_table(MARKER, md)
+    if DOCS.is_file():
+        update_readme_table(MARKER, md, readme=DOCS)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

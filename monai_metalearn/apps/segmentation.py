@@ -1,0 +1,654 @@
+"""Few-shot 3D segmentation on the real scans: the glue used by the segmentation bundle, the benchmark and the
+notebook.
+
+The pipeline, one function per step a MONAI user would otherwise write by hand:
+
+1. :func:`load_segmentation_subjects` reads every subject of the sources once (checked loading, RAS, a common
+   spacing, intensities scaled to ``[0, 1]``: CT through an abdominal window, MRI through its 0.5-99.5 percentiles)
+   and caches the result (``cache_dir``), so later runs do not re-read the scans;
+2. :func:`subject_transforms` synthesizes an image for label-only subjects (the SynthSeg label maps; such images
+   are SYNTHETIC and reported as such) before the episode picks its structure;
+3. :func:`patch_transforms` cuts training / support patches around the structure and its background
+   (``RandCropByPosNegLabeld``); query volumes stay whole and are segmented with a ``SlidingWindowInferer``;
+4. :func:`evaluate_segmentation` runs fixed evaluation episodes for each protocol (e.g. CT-1 -> CT-2 and back,
+   SynthSeg label maps -> the real T1) and writes ``metrics.json`` (Dice with 95% CIs, per structure, per
+   support -> query direction);
+5. :func:`segment_task` adapts to a user's task file and writes one mask per query on the query's own grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+
+from monai_metalearn.apps.classification import (
+    _patch_key,
+    check_cli_overrides,
+    check_data_dir,
+    check_checkpoint,
+    check_class_splits,
+    fail,
+    load_learner,
+)
+
+__all__ = [
+    "CT_WINDOW",
+    "ScaleScanIntensityd",
+    "SynthesizeMissingImaged",
+    "check_cli_overrides",
+    "check_checkpoint",
+    "check_class_splits",
+    "fail",
+    "load_learner",
+    "load_segmentation_subjects",
+    "subject_transforms",
+    "patch_transforms",
+    "volume_transforms",
+    "build_segmentation_learner",
+    "prepare_segmentation_episode_for",
+    "sliding_window_inferer",
+    "evaluate_segmentation",
+    "load_segmentation_task",
+    "segment_task",
+]
+
+logger = logging.getLogger("monai_metalearn")
+
+#: CT intensities are clipped to this window (HU) and scaled to [0, 1]: soft-tissue organs keep their contrast.
+CT_WINDOW = (-250.0, 350.0)
+
+
+def scale_intensity(image: torch.Tensor, modality: str | None) -> torch.Tensor:
+    """``image`` scaled to ``[0, 1]``: CT through :data:`CT_WINDOW`, anything else through its 0.5 and 99.5
+    percentiles (computed on the non-zero voxels when the background is exactly zero, e.g. skull-stripped MRI)."""
+    x = image.float()
+    if str(modality).upper() == "CT":
+        lo, hi = CT_WINDOW
+    else:
+        flat = x.reshape(-1)
+        nonzero = flat[flat != 0]
+        ref = nonzero if nonzero.numel() > 0.05 * flat.numel() else flat
+        if ref.numel() > 2_000_000:  # quantile on a subsample: same figure, a fraction of the time
+            ref = ref[torch.randperm(ref.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+        lo, hi = (float(v) for v in torch.quantile(ref, torch.tensor([0.005, 0.995])))
+    if hi <= lo:
+        return torch.zeros_like(x)
+    return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+
+
+def _reason(err: BaseException) -> str:
+    """First line of the error that caused ``err``: MONAI's ``Compose`` wraps a transform's error in
+    ``RuntimeError("applying transform <...>")``, whose own message names no file and no reason."""
+    while str(err).startswith("applying transform") and err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def guess_modality(image: torch.Tensor) -> str:
+    """``"CT"`` when the image holds Hounsfield-like air (minimum below -500), else ``"MR"``."""
+    return "CT" if float(image.min()) < -500 else "MR"
+
+
+class ScaleScanIntensityd(MapTransform):
+    """Scales ``keys`` to ``[0, 1]`` by modality (:func:`scale_intensity`); the modality comes from
+    ``data[modality_key]`` (``"CT"``, ``"MR"``), or is guessed from the intensities when absent."""
+
+    def __init__(self, keys: KeysCollection, modality_key: str = "modality", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality_key = modality_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            modality = d.get(self.modality_key) or guess_modality(d[key])
+            d[key] = _like(scale_intensity(d[key], modality), d[key])
+        return d
+
+
+def _like(values: torch.Tensor, ref: Any) -> Any:
+    from monai.data import MetaTensor
+
+    if isinstance(ref, MetaTensor):
+        out = MetaTensor(values, meta=ref.meta, applied_operations=list(ref.applied_operations))
+        return out
+    return values
+
+
+class SynthesizeMissingImaged(Randomizable, MapTransform):
+    """For a label-only subject (no ``image``), draws a SYNTHETIC image from its whole label map (SynthSeg recipe,
+    :class:`~monai_metalearn.transforms.RandSynthesizeImaged`) and scales it to ``[0, 1]`` like an MRI; subjects
+    with an image pass through. Runs before the episode selects its structure, so every label shapes the image."""
+
+    def __init__(self, label_key: str = "label", image_key: str = "image") -> None:
+        from monai_metalearn.transforms import RandSynthesizeImaged
+
+        MapTransform.__init__(self, [label_key], allow_missing_keys=True)
+        self.image_key = image_key
+        self.synth = RandSynthesizeImaged(keys=label_key, image_key=image_key, only_if_missing=True)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        self.synth.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if d.get(self.image_key) is not None:
+            return d
+        d = dict(self.synth(d))
+        d[self.image_key] = scale_intensity(torch.as_tensor(d[self.image_key]), "MR")
+        return d
+
+
+# ------------------------------------------------------------------------------------------------- subjects
+def load_segmentation_subjects(
+    data_dir: str,
+    sources: Sequence[str],
+    structures: Sequence[str],
+    pixdim: Sequence[float] | None = (3.0, 3.0, 3.0),
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    min_voxels: int = 8,
+) -> list[dict[str, Any]]:
+    """Whole subjects of several real sources, resampled and intensity-scaled once, for segmentation episodes.
+
+    Args:
+        data_dir: the folder holding the sources (``MONAI_DATA_DIRECTORY``).
+        sources: names of :data:`monai_metalearn.data.SOURCES`.
+        structures: every structure the run uses (all splits); each subject keeps those it has.
+        pixdim: common spacing in mm (``None``: keep each scan's own).
+        progress: progress bar over subjects.
+        cache_dir: save the subjects there and read them back on later runs (key: sources' files, sizes, dates,
+            structures and ``pixdim``).
+        min_voxels: a structure with fewer voxels in a subject after resampling is dropped from that subject (and
+            logged: e.g. an organ that only grazes CT-2's 20-slice slab).
+
+    Returns:
+        list of dicts: ``image`` (float ``[1, D, H, W]`` in ``[0, 1]``; absent for label-only subjects), ``label``
+        (int16 ``[1, D, H, W]``), ``structures`` (name -> id, those kept), ``subject``, ``modality``, ``source``,
+        ``synthetic``, ``dropped`` (structures dropped for having < ``min_voxels`` voxels).
+
+    Exits with a one-line error for an unknown source, a missing data dir, an unreadable scan or a structure that no
+    subject has.
+    """
+    from monai.transforms import Compose, Orientationd, Spacingd
+    from tqdm.auto import tqdm
+
+    from monai_metalearn.data import SOURCES, LoadScand, ScanLoadError, load_datalist
+
+    check_data_dir(data_dir)
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}")
+    datalist = [item for name in sources for item in load_datalist(name, data_dir)]
+    known = set().union(*(item.get("structures", {}) for item in datalist)) if datalist else set()
+    missing = [s for s in structures if s not in known]
+    if missing:
+        fail(f"structures {missing} are in none of the sources {list(sources)}")
+    cache_file = None
+    if cache_dir is not None:
+        key = _patch_key(datalist, structures, pixdim, 0)
+        cache_file = Path(cache_dir) / f"subjects_{key}.pt"
+        if cache_file.is_file():
+            try:
+                return torch.load(cache_file, weights_only=False)
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                cache_file.unlink()
+    wanted = set(structures)
+    out = []
+    for item in tqdm(datalist, desc="load subjects", disable=not progress, leave=False):
+        present = {s: v for s, v in item.get("structures", {}).items() if s in wanted}
+        if not present:
+            continue
+        keys = [k for k in ("image", "label") if item.get(k) is not None]
+        steps = [LoadScand(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+        if pixdim is not None:
+            steps.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear" if k == "image" else "nearest" for k in keys]))
+        try:
+            loaded = Compose(steps)({k: item[k] for k in keys})
+        except (ScanLoadError, RuntimeError) as err:
+            fail(f"subject {item.get('subject')!r}: {_reason(err)}")
+        label = loaded["label"].as_tensor().round().to(torch.int16)
+        kept, dropped = {}, []
+        for s, sid in present.items():
+            ids = list(sid) if isinstance(sid, (list, tuple)) else [sid]
+            if int(torch.isin(label, torch.tensor(ids, dtype=label.dtype)).sum()) >= min_voxels:
+                kept[s] = sid
+            else:
+                dropped.append(s)
+        if dropped:
+            logger.info(f"subject {item.get('subject')}: {dropped} have < {min_voxels} voxels at {pixdim} mm, dropped")
+        entry = {
+            "label": label,
+            "affine": loaded["label"].affine.clone(),
+            "structures": kept,
+            "subject": str(item.get("subject")),
+            "modality": item.get("modality"),
+            "source": item.get("source"),
+            "synthetic": bool(item.get("synthetic", False)),
+            "dropped": dropped,
+        }
+        if "image" in loaded:
+            entry["image"] = scale_intensity(loaded["image"].as_tensor(), item.get("modality"))
+        out.append(entry)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(cache_file)
+    return out
+
+
+def subject_transforms():
+    """The subject-level transform of the base dataset: image synthesis for label-only subjects (see
+    :class:`SynthesizeMissingImaged`); real subjects pass unchanged."""
+    return SynthesizeMissingImaged()
+
+
+class _PosNegPatchesd(Randomizable, MapTransform):
+    """``RandCropByPosNegLabeld`` with a fixed split: ``n_pos`` patches centred on the structure, then ``n_neg`` on
+    its background, so that a support set always holds structure voxels (a random pos/neg draw for every patch
+    gives all-background supports, e.g. 1 in 16 with 4 patches, which stops prototype / fine-tuning adaptation)."""
+
+    def __init__(self, patch_size: Sequence[int], n_pos: int, n_neg: int) -> None:
+        from monai.transforms import RandCropByPosNegLabeld
+
+        MapTransform.__init__(self, ["image", "label"])
+        self.crops = [
+            RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=tuple(patch_size),
+                                   pos=p, neg=1 - p, num_samples=n, allow_smaller=True)
+            for p, n in ((1, n_pos), (0, n_neg)) if n > 0
+        ]
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        for crop in self.crops:
+            crop.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping) -> list[dict]:
+        return [sample for crop in self.crops for sample in crop(data)]
+
+
+def patch_transforms(patch_size: Sequence[int] = (32, 32, 32), num_samples: int = 4, pos: float = 1.0, neg: float = 1.0):
+    """Patches around a binary structure mask and its background (``RandCropByPosNegLabeld``), padded to
+    ``patch_size`` when the scan is smaller (CT-2 is a 20-slice slab); ``num_samples`` patches per subject, of which
+    ``round(num_samples * pos / (pos + neg))`` on the structure (at least one when ``pos > 0``, and at least one on
+    the background when ``neg > 0`` and ``num_samples >= 2``)."""
+    from monai.transforms import Compose, EnsureTyped, SpatialPadd
+
+    n = int(num_samples)
+    n_pos = max(round(n * pos / (pos + neg)), 1 if pos > 0 else 0)
+    if neg > 0 and n >= 2:
+        n_pos = min(n_pos, n - 1)
+    return Compose([
+        _PosNegPatchesd(patch_size, n_pos, n - n_pos),
+        SpatialPadd(keys=["image", "label"], spatial_size=tuple(patch_size)),
+        EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
+    ])
+
+
+def volume_transforms():
+    """Whole query volumes as plain float tensors (segmented by a sliding window)."""
+    from monai.transforms import EnsureTyped
+
+    return EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False)
+
+
+def sliding_window_inferer(patch_size: Sequence[int] = (32, 32, 32), sw_batch_size: int = 4, overlap: float = 0.25):
+    """``monai.inferers.SlidingWindowInferer`` over windows of the training patch size (Gaussian blending)."""
+    from monai.inferers import SlidingWindowInferer
+
+    return SlidingWindowInferer(roi_size=tuple(patch_size), sw_batch_size=int(sw_batch_size), overlap=float(overlap),
+                                mode="gaussian")
+
+
+# ------------------------------------------------------------------------------------------------- learners
+def build_segmentation_learner(
+    name: str,
+    backbone: torch.nn.Module,
+    feature_channels: int,
+    train_structures: Sequence[str],
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
+    """:func:`~monai_metalearn.learners.create_segmentation_learner` with the bundle's per-learner defaults,
+    overridden by ``overrides``; one-line error for an unknown learner or argument."""
+    import inspect
+
+    from monai_metalearn.learners import ANIL, FOMAML, MAML, Reptile, learner_key
+    from monai_metalearn.learners.segmentation import (
+        SEGMENTATION_LEARNERS,
+        PrototypeSegmenter,
+        SegmentationFineTune,
+        create_segmentation_learner,
+    )
+
+    key = learner_key(name)
+    if key not in SEGMENTATION_LEARNERS:
+        fail(f"unknown learner_name {name!r}; choose one of {sorted(SEGMENTATION_LEARNERS)}")
+    kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
+    classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "reptile": Reptile, "protoseg": PrototypeSegmenter,
+               "finetune": SegmentationFineTune, "scratch": SegmentationFineTune}
+    accepted = set(inspect.signature(classes[key].__init__).parameters) - {
+        "self", "model", "encoder", "feature_channels", "n_base_structures", "pretrained"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}")
+    try:
+        return create_segmentation_learner(key, backbone, feature_channels,
+                                           n_base_structures=len(train_structures), **kwargs)
+    except (TypeError, ValueError) as err:
+        fail(f"learner {key!r}: {err}")
+
+
+def prepare_segmentation_episode_for(name: str, train_structures: Sequence[str]):
+    """The trainer's ``prepare_episode``: masks carrying global structure ids for the pre-trained fine-tuning
+    baseline, binary masks otherwise."""
+    from monai_metalearn.engines import default_prepare_episode
+    from monai_metalearn.learners import learner_key
+    from monai_metalearn.learners.segmentation import SegmentationGlobalLabels
+
+    return SegmentationGlobalLabels(train_structures) if learner_key(name) == "finetune" else default_prepare_episode
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def _subject_counts(subjects: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    have: dict[str, set[str]] = defaultdict(set)
+    for item in subjects:
+        for s in item.get("structures", {}):
+            have[s].add(str(item["subject"]))
+    return have
+
+
+def evaluate_segmentation(
+    learner: torch.nn.Module,
+    dataset: Any,
+    protocols: Sequence[Mapping[str, Any]],
+    shots: Sequence[int],
+    num_episodes: int,
+    device: str | torch.device,
+    output_dir: str,
+    patch_size: Sequence[int] = (32, 32, 32),
+    n_patches: int = 8,
+    seed: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Meta-test on whole query volumes; writes ``output_dir/metrics.json``.
+
+    Each protocol is ``{"name", "structures", "support_subjects" (optional), "query_subjects" (optional)}``. For every
+    protocol and K in ``shots``, ``num_episodes`` fixed episodes (structures and query subjects taken in turn) adapt on
+    ``n_patches`` patches per support subject and segment one whole query volume with a sliding window. A (protocol,
+    K) whose structures have too few subjects is reported as such, not silently dropped.
+
+    ``metrics.json``: ``dice`` (mean, ci95, n_episodes) and ``per_structure`` of the smallest K over all protocols,
+    ``by_shot`` (K -> summary over all protocols), ``by_protocol`` (name -> K -> summary with ``per_direction``,
+    ``support -> query`` subject pairs), ``not_possible`` and ``episodes`` (one record per episode).
+    """
+    from monai.handlers import StatsHandler
+
+    from monai_metalearn.data import SegmentationEpisodeDataset, episode_loader
+    from monai_metalearn.engines import MetaEvaluator
+    from monai_metalearn.metrics import summarize
+
+    raw = getattr(dataset, "data", dataset)
+    have = _subject_counts(raw)
+    records: list[dict[str, Any]] = []
+    by_protocol: dict[str, dict[str, Any]] = {}
+    not_possible: list[str] = []
+    for proto in protocols:
+        name = str(proto["name"])
+        sup_pool, qry_pool = proto.get("support_subjects"), proto.get("query_subjects")
+        by_protocol[name] = {}
+        for k in shots:
+            k = int(k)
+            usable = []
+            for s in proto["structures"]:
+                subs = have.get(s, set())
+                sup = [x for x in subs if sup_pool is None or x in sup_pool]
+                qry = [x for x in subs if qry_pool is None or x in qry_pool]
+                if len(sup) >= k and qry and len(set(sup) | set(qry)) >= k + 1:
+                    usable.append(s)
+            skipped = [s for s in proto["structures"] if s not in usable]
+            if skipped:
+                not_possible.append(f"{name} {k}-shot: {skipped} (too few subjects)")
+            if not usable:
+                continue
+            episodes = SegmentationEpisodeDataset(
+                dataset, usable, k_shot=k, q_query=1, num_episodes=num_episodes,
+                support_transform=patch_transforms(patch_size, n_patches), query_transform=volume_transforms(),
+                support_subjects=sup_pool, query_subjects=qry_pool, balanced=True, seed=seed + 1000 * k,
+            )
+            evaluator = MetaEvaluator(
+                device=device, val_data_loader=episode_loader(episodes), learner=learner, task="segmentation",
+                amp=amp, progress=progress, inferer=sliding_window_inferer(patch_size, sw_batch_size, overlap),
+                val_handlers=[StatsHandler(iteration_log=False, name=f"evaluate_{name}_{k}shot")],
+            )
+            evaluator.run()
+            recs = [{**r, "protocol": name, "k_shot": k} for r in evaluator.state.episode_records]
+            records += recs
+            by_protocol[name][str(k)] = _summary(recs, summarize)
+            m = evaluator.state.metrics
+            logger.info(f"{name} {k}-shot: Dice {m['dice']:.4f} +/- {m['dice_ci95']:.4f} over {len(recs)} episodes")
+    if not records:
+        fail("no protocol could be evaluated: " + "; ".join(not_possible))
+    by_shot = {str(k): _summary([r for r in records if r["k_shot"] == int(k)], summarize)
+               for k in sorted({r["k_shot"] for r in records})}
+    top = by_shot[min(by_shot, key=int)]
+    out = {**top, "k_shot": int(min(by_shot, key=int)), **extra, "by_shot": by_shot, "by_protocol": by_protocol,
+           "not_possible": not_possible, "test_subjects": sorted({s for r in records for s in _subjects(r)}),
+           "episodes": records}
+    path = Path(output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _subjects(record: Mapping[str, Any]) -> list[str]:
+    return [str(s) for key in ("support_subject", "query_subject") for s in record.get(key, [])]
+
+
+def _direction(record: Mapping[str, Any]) -> str:
+    return f"{'+'.join(record.get('support_subject', []))} -> {'+'.join(record.get('query_subject', []))}"
+
+
+def _summary(records: Sequence[Mapping[str, Any]], summarize) -> dict[str, Any]:
+    values = [r["dice"] for r in records]
+    per_structure: dict[str, list[float]] = defaultdict(list)
+    per_direction: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        per_structure[str(r.get("structure"))].append(r["dice"])
+        if len(r.get("support_subject", [])) == 1:
+            per_direction[_direction(r)].append(r["dice"])
+    out = summarize(values, per_class=dict(per_structure), name="dice", group_key="per_structure")
+    if per_direction:
+        out["per_direction"] = summarize([0.0], per_class=dict(per_direction), name="dice",
+                                         group_key="per_direction")["per_direction"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- inference
+def load_segmentation_task(path: str | os.PathLike, data_dir: str | None = None) -> dict[str, Any]:
+    """Reads and checks a few-shot segmentation task file.
+
+    Format::
+
+        {"support": [{"image": "a.nii.gz", "label": "a_mask.nii.gz"}, ...],
+         "query": [{"image": "q.nii.gz"}, {"image": "dicom_series_folder"}],
+         "modality": "CT"}
+
+    ``image`` is a NIfTI/NRRD file or a DICOM series folder; ``label`` a mask on the same grid (non-zero voxels, or
+    the voxels equal to the item's ``label_value``, are the structure). Relative paths are taken from the task file's
+    folder (or ``data_dir``). ``modality`` (top level or per item: ``"CT"`` or ``"MR"``) picks the intensity scaling;
+    default: guessed from the intensities (Hounsfield air means CT).
+
+    Exits with a one-line error for: a missing/unreadable task file, no support, no query, a support item without
+    ``label``, a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        fail(f"task_file {str(path)!r} not found")
+    try:
+        task = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        fail(f"task_file {str(path)!r} is not valid JSON: {err}")
+    if not isinstance(task, dict) or not task.get("support"):
+        fail(f"task_file {str(path)!r} has no support examples (expected {{'support': [{{'image', 'label'}}], "
+             "'query': [{'image'}]})")
+    if not task.get("query"):
+        fail(f"task_file {str(path)!r} has no query images")
+    bases = [path.parent] + ([Path(data_dir)] if data_dir else [])
+
+    def resolve(p: str, where: str) -> str:
+        for base in bases:
+            cand = Path(p) if Path(p).is_absolute() else base / p
+            if cand.exists():
+                return str(cand)
+        fail(f"{where}: file {p!r} not found (relative to {', '.join(str(b) for b in bases)})")
+
+    for part in ("support", "query"):
+        for i, item in enumerate(task[part]):
+            if not isinstance(item, dict) or "image" not in item:
+                fail(f"task_file {part}[{i}] has no 'image'")
+            if part == "support" and "label" not in item:
+                fail(f"task_file support[{i}] ({item['image']}) has no 'label' (its mask file)")
+            item["image"] = resolve(item["image"], f"{part}[{i}]")
+            if part == "support":
+                item["label"] = resolve(item["label"], f"support[{i}] label")
+    return task
+
+
+def _reader(pixdim: Sequence[float] | None, with_label: bool):
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    from monai_metalearn.data import LoadScand
+
+    keys = ["image", "label"] if with_label else ["image"]
+    steps = [LoadScand(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if pixdim is not None:
+        steps.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear", "nearest"][: len(keys)]))
+    return Compose(steps)
+
+
+def segment_task(
+    learner: torch.nn.Module,
+    task_file: str,
+    output_dir: str,
+    pixdim: Sequence[float] | None = (3.0, 3.0, 3.0),
+    patch_size: Sequence[int] = (32, 32, 32),
+    n_patches: int = 8,
+    device: str | torch.device = "cpu",
+    data_dir: str | None = None,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Adapts ``learner`` to the task file's support scans and writes one mask per query to ``output_dir``.
+
+    Support scans are read with their masks (same grid required), resampled to ``pixdim`` and cut into
+    ``n_patches`` patches each around the structure and its background; the adapted model segments each whole
+    query with a sliding window at ``pixdim``, and the mask is resampled back (MONAI ``Invertd``: nearest neighbour)
+    onto the query's own grid and saved (``SaveImaged``) as ``<query name>_seg.nii.gz``, with the query's affine.
+    ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml.
+
+    Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
+    unreadable scan (names the task item and file), a task file with no support or no query.
+    """
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, SaveImaged  # noqa: F401
+
+    from monai_metalearn.data import ScanLoadError
+
+    task = load_segmentation_task(task_file, data_dir)
+    top_modality = task.get("modality")
+    support_read = _reader(pixdim, with_label=True)
+    sampler = patch_transforms(patch_size, n_patches)
+    xs, ys = [], []
+    for i, item in enumerate(task["support"]):
+        where = f"support[{i}] {item['image']}"
+        try:
+            d = support_read({"image": item["image"], "label": item["label"]})
+        except (ScanLoadError, RuntimeError, OSError) as err:
+            fail(f"{where}: {_reason(err)}")
+        label = d["label"]
+        value = item.get("label_value")
+        mask = (label > 0) if value is None else (label.round() == float(value))
+        if int(mask.sum()) == 0:
+            fail(f"{where}: the support mask {item['label']} is empty"
+                 + ("" if value is None else f" (no voxel equals label_value {value})")
+                 + (f" after resampling to {list(pixdim)} mm" if pixdim is not None else ""))
+        modality = item.get("modality") or top_modality or guess_modality(d["image"])
+        image = scale_intensity(d["image"].as_tensor(), modality)
+        sampler.set_random_state(seed=seed + i)
+        for sample in sampler({"image": image, "label": mask.as_tensor().float()}):
+            xs.append(sample["image"])
+            ys.append(sample["label"])
+    sx, sy = torch.stack(xs).to(device), torch.stack(ys).to(device)
+    learner = learner.to(device).eval()
+    try:
+        with torch.enable_grad():
+            predictor = learner.adapt(sx, sy)
+    except ValueError as err:
+        fail(f"cannot adapt to the support set of {task_file}: {err}")
+    inferer = sliding_window_inferer(patch_size, sw_batch_size, overlap)
+    query_read = _reader(pixdim, with_label=False)
+    saver = SaveImaged(keys="pred", output_dir=str(output_dir), output_postfix="seg", separate_folder=False,
+                       resample=False, output_dtype=np.uint8, print_log=False)
+    outputs = []
+    for i, item in enumerate(task["query"]):
+        where = f"query[{i}] {item['image']}"
+        try:
+            d = query_read({"image": item["image"]})
+        except (ScanLoadError, RuntimeError, OSError) as err:
+            fail(f"{where}: {_reason(err)}")
+        image = d["image"]
+        modality = item.get("modality") or top_modality or guess_modality(image)
+        x = scale_intensity(image.as_tensor(), modality)[None].to(device)
+        with torch.no_grad():
+            logits = inferer(x, predictor)
+        pred = logits.argmax(1).to(torch.uint8).cpu() if logits.shape[1] > 1 else (logits[:, :1] > 0).to(torch.uint8)[0].cpu()
+        from monai.data import MetaTensor
+
+        d["pred"] = MetaTensor(pred.reshape(image.shape), meta=dict(image.meta),
+                               applied_operations=list(image.applied_operations))
+        inverted = Invertd(keys="pred", transform=query_read, orig_keys="image", nearest_interp=True)(d)
+        mask = inverted["pred"]
+        name = _output_name(item["image"])
+        mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta={**mask.meta, "filename_or_obj": f"{name}.nii.gz"})
+        saved = saver({"pred": mask})
+        path = Path(output_dir) / f"{name}_seg.nii.gz"
+        voxel_ml = float(abs(np.linalg.det(np.asarray(mask.affine)[:3, :3]))) / 1000.0
+        outputs.append({"image": item["image"], "mask": str(path), "shape": list(mask.shape[1:]),
+                        "foreground_ml": round(float(mask.sum()) * voxel_ml, 3)})
+        del saved
+    result = {"task_file": str(task_file), "k_shot": len(task["support"]), "segmentations": outputs}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "segmentations.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _output_name(image: str) -> str:
+    name = Path(str(image).rstrip("/")).name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".npz"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
