@@ -195,7 +195,8 @@ def test_inference_writes_masks_on_each_querys_own_grid(trained, data_dir, tmp_p
 # ------------------------------------------------------------------------------------------ one-line errors
 def test_empty_support_mask_is_a_one_line_error(trained, data_dir, tmp_path):
     out, _ = trained
-    task = {"support": [liver_support(data_dir, value=250)], "query": [{"image": str(data_dir / TS / "example_ct.nii.gz")}]}
+    task = {"support": [liver_support(data_dir, value=250)],  # 250: an id absent from TotalSegmentator's map
+            "query": [{"image": str(data_dir / TS / "example_ct.nii.gz")}]}
     (tmp_path / "task.json").write_text(json.dumps(task))
     proc = bundle(["train.json", "inference.json"], *SMALL, "--task_file", str(tmp_path / "task.json"),
                   out=tmp_path / "out", ckpt=out / "model.pt")
@@ -203,9 +204,8 @@ def test_empty_support_mask_is_a_one_line_error(trained, data_dir, tmp_path):
     assert not (tmp_path / "out" / "segmentations.json").exists()
 
 
-def test_missing_task_file_checkpoint_and_wrong_key_are_one_line_errors(trained, tmp_path):
-    out, _ = trained
-    proc = bundle(["train.json", "inference.json"], *SMALL, out=tmp_path, ckpt=out / "model.pt")
+def test_missing_task_file_checkpoint_and_wrong_key_are_one_line_errors(tmp_path):
+    proc = bundle(["train.json", "inference.json"], *SMALL, out=tmp_path, ckpt=tmp_path / "none.pt")
     one_line_error(proc, "no task_file", "--task_file")
     proc = bundle(["train.json", "evaluate.json"], *SMALL, out=tmp_path, ckpt=tmp_path / "none.pt")
     one_line_error(proc, "checkpoint", "none.pt")
