@@ -124,7 +124,7 @@ def _mask_weights(mask: Tensor, features: Tensor) -> Tensor:
 
     Floating masks are used as weights (expected in ``[0, 1]``); other dtypes are binarised (nonzero is 1). A mask of
     another spatial size is resized by area averaging (when shrinking every axis: fractional weights at the borders)
-    or nearest neighbour (otherwise).
+    or nearest neighbour (otherwise). Float32, whatever the features' dtype.
     """
     mask = _with_channel(mask, features.dim())
     if mask.dim() != features.dim() or mask.shape[0] != features.shape[0] or mask.shape[1] != 1:
@@ -136,7 +136,7 @@ def _mask_weights(mask: Tensor, features: Tensor) -> Tensor:
     if tuple(w.shape[2:]) != size:
         shrink = all(s <= m for s, m in zip(size, w.shape[2:]))
         w = F.interpolate(w, size=size, mode="area" if shrink else "nearest")
-    return w.to(features.dtype)
+    return w
 
 
 def masked_average_pooling(features: Tensor, mask: Tensor) -> Tensor:
@@ -148,7 +148,8 @@ def masked_average_pooling(features: Tensor, mask: Tensor) -> Tensor:
             of another size than the features is resized to them (area averaging when shrinking, else nearest).
 
     Returns:
-        ``[F]``: ``sum(features * mask) / sum(mask)`` over the batch and the voxels.
+        ``[F]`` float32 (also for half-precision features): ``sum(features * mask) / sum(mask)`` over the batch and
+        the voxels.
 
     Raises:
         ValueError: if the mask is empty (no voxel with a positive weight) or its shape does not fit.
@@ -158,7 +159,7 @@ def masked_average_pooling(features: Tensor, mask: Tensor) -> Tensor:
     if not bool(total > 0):
         raise ValueError(f"the mask is empty: no voxel to average the features over (mask shape {tuple(mask.shape)})")
     dims = [0, *range(2, features.dim())]
-    return (features * w).sum(dims) / total
+    return (features.float() * w).sum(dims) / total
 
 
 def local_prototypes(
@@ -177,7 +178,7 @@ def local_prototypes(
         threshold: minimum fraction of the window inside the mask.
 
     Returns:
-        ``[P, F]``: the local prototypes (``P - 1`` of them, possibly none), then the global one.
+        ``[P, F]`` float32: the local prototypes (``P - 1`` of them, possibly none), then the global one.
 
     Raises:
         ValueError: if the mask is empty, or ``threshold`` is not in ``(0, 1]``.
@@ -187,7 +188,7 @@ def local_prototypes(
     w = _mask_weights(mask, features)
     nd = features.dim() - 2
     pool = tuple(min(int(p), int(s)) for p, s in zip(ensure_tuple_rep(pool_size, nd), features.shape[2:]))
-    pooled_f = _AVG_POOL[nd](features, pool, pool)  # [B, F, *s]
+    pooled_f = _AVG_POOL[nd](features.float(), pool, pool)  # [B, F, *s]
     pooled_w = _AVG_POOL[nd](w, pool, pool)  # [B, 1, *s]
     selected = pooled_w[:, 0] >= threshold - 1e-6  # [B, *s]
     local = pooled_f.movedim(1, -1)[selected]  # [P - 1, F]
@@ -206,7 +207,7 @@ def prototype_segmentation_logits(
     f = F.normalize(features, dim=1)
     out = []
     for p in prototypes:
-        sims = scale * torch.einsum("bf...,pf->bp...", f, F.normalize(p.to(f.dtype), dim=1))
+        sims = scale * torch.einsum("bf...,pf->bp...", f, F.normalize(p.float(), dim=1).to(f.dtype))
         out.append((torch.softmax(sims, dim=1) * sims).sum(1))
     return torch.stack(out, 1)
 
@@ -253,6 +254,12 @@ class PrototypeSegmenter(Learner):
     ``loss_fn`` against the support masks. With ``align_with="prediction"`` it is skipped (zero) for an episode whose
     prediction has no foreground or no background voxel, as in PANet. Gradients flow into the encoder through both
     the support and the query features; the default training step applies.
+
+    Cost of ``local=True``: every query voxel is compared with every prototype, ``B x P x voxels`` similarities, and
+    on full-resolution features (a dense UNet's) the background alone gives about ``Ks x voxels / prod(pool_size)``
+    windows. SSL-ALPNet pools 4x4 windows of a stride-8 feature map (32-pixel windows); here choose ``pool_size``
+    near a quarter of the patch side (16 for 64^3 patches: 64 windows per patch). The default 4 suits small patches
+    only: 5 support patches of 64^3 give ~20k prototypes, ~20 GB of similarities per 64^3 query patch.
 
     Args:
         encoder: maps ``[B, C, *S]`` to features ``[B, F, *S]`` at any resolution (masks are resized to it), e.g.
@@ -335,7 +342,7 @@ class PrototypeSegmenter(Learner):
             raise ValueError(f"{what} mask is empty: the structure has no voxel in the {what} patches")
         if bool(fg.all()):
             raise ValueError(f"{what} background mask is empty: the structure fills the whole {what} patches")
-        fg = fg.to(features.dtype)
+        fg = fg.float()
         if self.local:
             return tuple(local_prototypes(features, m, self.pool_size, self.threshold) for m in (1 - fg, fg))
         return masked_average_pooling(features, 1 - fg)[None], masked_average_pooling(features, fg)[None]
@@ -464,11 +471,11 @@ class SegmentationFineTune(Learner):
       NaN (not 0) keeps logs from reading as a perfect fit.
 
     :meth:`adapt` deep-copies the encoder (re-initialised for ``pretrained=False``), puts a new ``Conv3d(F, 2, 1)``
-    head on it (zero-initialised by default) (:class:`~monai_metalearn.networks.SegmentationModel`), and trains both on the support set with Adam
-    (``finetune_lr``) for ``finetune_steps`` full-batch steps of ``loss_fn``, in float32 (autocast disabled) and with
-    gradients enabled; the learner's own weights are never modified. Initialisations are drawn from ``seed`` (the
-    global random state is left untouched), so adaptation is deterministic. :meth:`meta_loss` is evaluation only
-    (adapt on the support set, query loss without graph, Dice).
+    head on it (zero-initialised by default; :class:`~monai_metalearn.networks.SegmentationModel`), and trains both
+    on the support set with Adam (``finetune_lr``) for ``finetune_steps`` full-batch steps of ``loss_fn``, in float32
+    (autocast disabled) and with gradients enabled; the learner's own weights are never modified. Initialisations are
+    drawn from ``seed`` (the global random state is left untouched), so adaptation is deterministic. :meth:`meta_loss`
+    is evaluation only (adapt on the support set, query loss without graph, Dice).
 
     Args:
         encoder: dense backbone ``[B, C, *S] -> [B, feature_channels, *S]`` (e.g.
