@@ -75,7 +75,10 @@ def _foreground(y: Tensor, ndim: int) -> Tensor:
 
 
 def dice_from_logits(logits: Tensor, y: Tensor) -> float:
-    """Mean Dice of the predicted masks against ``y != 0``.
+    """Dice of the predicted masks against ``y != 0``, pooled over the batch (all voxels of all samples).
+
+    Pooling matters for patches: a background-only patch would otherwise score 1.0 for an empty prediction, so a
+    model that predicts nothing would look half right on a pos/neg patch batch.
 
     Args:
         logits: ``[B, C, *S]``; the prediction is the arg-max over channels (``C >= 2``, channel 0 being the
@@ -83,12 +86,12 @@ def dice_from_logits(logits: Tensor, y: Tensor) -> float:
         y: reference masks ``[B, 1, *S]`` or ``[B, *S]``; nonzero is foreground.
 
     Returns:
-        the mean over samples of :func:`~monai_metalearn.metrics.binary_dice` (1.0 for a sample whose prediction and
+        :func:`~monai_metalearn.metrics.binary_dice` of the batch taken as one volume (1.0 when prediction and
         reference are both empty), as a Python float.
     """
     logits = logits.detach()
     pred = logits.argmax(1, keepdim=True) if logits.shape[1] > 1 else logits > 0
-    return float(binary_dice(pred, _foreground(y, logits.dim())))
+    return float(binary_dice(pred.reshape(1, -1), _foreground(y, logits.dim()).reshape(1, -1)))
 
 
 class SegmentationLoss(nn.Module):

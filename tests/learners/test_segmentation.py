@@ -78,8 +78,10 @@ def test_dice_from_logits_and_loss_accept_any_mask_dtype():
     assert dice_from_logits(perfect, y[:, 0] * 7) == 1.0  # no channel dim, nonzero is foreground
     assert dice_from_logits(-perfect, y) == 0.0
     half = perfect.clone()
-    half[0] = -half[0]  # sample 0 all wrong, sample 1 right
-    assert dice_from_logits(half, y) == pytest.approx(0.5)
+    half[0] = -half[0]  # sample 0 all wrong (108 voxels missed, 108 false), sample 1 right (24 voxels)
+    assert dice_from_logits(half, y) == pytest.approx(2 * 24 / (132 + 132))  # pooled, not the mean 0.5 of samples
+    background_only = torch.zeros_like(y)
+    assert dice_from_logits(torch.cat([-perfect[:1], perfect[1:]]), torch.cat([background_only[:1], y[1:]])) < 0.5
     loss = segmentation_loss()
     assert isinstance(loss, SegmentationLoss)
     logits = torch.randn(2, 2, 6, 6, 6)
@@ -370,3 +372,34 @@ def test_learner_learns_synthetic_blob_segmentation(name):
         assert set(metrics) == {"loss", "dice"} and all(isinstance(v, float) for v in metrics.values())
     after = dice_from_logits(learner.adapt(sx, sy)(qx), qy)
     assert after >= 0.6 and after >= before + 0.25, f"held-out Dice {before:.2f} -> {after:.2f}"
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "protoseg"])
+@pytest.mark.parametrize("net", ["segresnet", "dynunet"])
+def test_monai_segmentation_networks_as_backbones(name, net):
+    """SegResNet and DynUNet (MONAI) plug in as the dense backbone: a meta-step changes the weights and the adapted
+    predictor segments a volume of another size."""
+    from monai.networks.nets import DynUNet, SegResNet
+
+    torch.manual_seed(0)
+    if net == "segresnet":
+        backbone = SegResNet(spatial_dims=3, in_channels=1, out_channels=4, init_filters=8, blocks_down=(1, 1),
+                             blocks_up=(1,), norm=("group", {"num_groups": 4}))
+    else:
+        backbone = DynUNet(spatial_dims=3, in_channels=1, out_channels=4, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                           upsample_kernel_size=[2, 2], filters=[4, 8, 8], norm_name="instance")
+    learner = create_segmentation_learner(name, backbone, 4, inner_steps=1) if name != "protoseg" else \
+        create_segmentation_learner(name, backbone, 4)
+    x = torch.rand(4, 1, 16, 16, 16)
+    y = torch.zeros(4, 1, 16, 16, 16)
+    y[:, :, 4:10, 4:10, 4:10] = 1
+    x = x + 2 * y
+    before = [p.detach().clone() for p in learner.parameters()]
+    opt = torch.optim.Adam(learner.parameters(), 1e-2)
+    metrics = learner.meta_batch_step([(x[:2], y[:2], x[2:], y[2:])], opt)
+    assert math.isfinite(metrics["loss"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, learner.parameters()))
+    predictor = learner.adapt(x[:2], y[:2])
+    with torch.no_grad():
+        logits = predictor(torch.rand(1, 1, 24, 16, 32))
+    assert logits.shape == (1, 2, 24, 16, 32)
