@@ -130,3 +130,38 @@ def update_readme_table(marker: str, markdown: str, readme: str | os.PathLike = 
     new = pattern.sub(lambda _: f"{start}\n{markdown.strip()}\n{end}", text, count=1)
     readme.write_text(new)
     return readme
+
+
+def log_seconds(log: str | os.PathLike) -> float:
+    """Wall time of a finished run from the first and last timestamps of its log (MONAI / ignite log lines)."""
+    import datetime as dt
+
+    stamps = [dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in Path(log).read_text().splitlines()
+              if len(line) > 23 and line[:2] == "20" and line[4] == "-"]
+    return (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else 0.0
+
+
+def run_bundle(bundle: Path, configs: list[str], out: Path, cache: Path, threads: int, *args: str) -> float:
+    """``python -m monai.bundle run`` of ``bundle`` with ``configs``, writing to ``out`` (log: ``<last config>.log``)
+    with ``threads`` torch threads; returns the wall time. Raises ``RuntimeError`` naming the log on failure."""
+    import subprocess
+    import sys
+    import time
+
+    files = "[" + ",".join(f"'configs/{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--output_dir", str(out),
+           "--ckpt_path", str(out / "model.pt"), "--cache_dir", str(cache), "--progress", "False", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log_file = out / f"{configs[-1].split('.')[0]}.log"
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, cwd=bundle, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed, see {log_file}")
+    return time.perf_counter() - t0
+
+
+def trained(out: Path) -> bool:
+    """Whether ``out`` holds a finished ``train.json`` run (its final checkpoint and a completed log)."""
+    log = out / "train.log"
+    return (out / "model.pt").is_file() and log.is_file() and "Train completed" in log.read_text()

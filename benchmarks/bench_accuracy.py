@@ -20,14 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_DIR, RESULTS_DIR, machine_info, update_readme_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_DIR,
+    RESULTS_DIR,
+    log_seconds,
+    machine_info,
+    run_bundle,
+    trained,
+    update_readme_table,
+    write_json,
+)
 
 ROOT = BENCH_DIR.parent
 BUNDLE = ROOT / "bundles" / "fewshot_classification_3d"
@@ -36,33 +44,19 @@ LEARNERS = ("finetune", "protonet", "maml", "fomaml", "anil", "metasgd", "reptil
 MARKER = "accuracy"
 
 
-def bundle(configs: list[str], out: Path, cache: Path, threads: int, *args: str) -> float:
-    files = "[" + ",".join(f"'configs/{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--output_dir", str(out),
-           "--ckpt_path", str(out / "model.pt"), "--cache_dir", str(cache), "--progress", "False", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    with open(out / f"{configs[-1].split('.')[0]}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed, see {out / (configs[-1].split('.')[0] + '.log')}")
-    return time.perf_counter() - t0
 
 
-def _trained(out: Path) -> bool:
-    log = out / "train.log"
-    return (out / "model.pt").is_file() and log.is_file() and "Train completed" in log.read_text()
 
 
 def run_learner(name: str, work: Path, test_episodes: int, threads: int, reuse: bool = False) -> dict:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
-    if reuse and _trained(out):
-        train_s = _log_seconds(out / "train.log")
+    if reuse and trained(out):
+        train_s = log_seconds(out / "train.log")
         print(f"{name}: reusing the checkpoint trained earlier ({train_s:.0f} s)", flush=True)
     else:
-        train_s = bundle(["train.json"], out, work / "cache", threads, "--learner_name", name)
-    eval_s = bundle(["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name,
+        train_s = run_bundle(BUNDLE, ["train.json"], out, work / "cache", threads, "--learner_name", name)
+    eval_s = run_bundle(BUNDLE, ["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name,
                     "--test_episodes", str(test_episodes))
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"{name}: 1-shot {metrics['by_shot']['1']['accuracy']['mean']:.3f} "
@@ -116,13 +110,6 @@ def _config() -> dict:
     return {k: cfg[k] for k in keys} | {"q_query": cfg["test_q_query"]}
 
 
-def _log_seconds(log: Path) -> float:
-    """Wall time of a finished run from the first and last timestamps of its log."""
-    import datetime as dt
-
-    stamps = [dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.read_text().splitlines()
-              if len(line) > 23 and line[:2] == "20" and line[4] == "-"]
-    return (stamps[-1] - stamps[0]).total_seconds()
 
 
 def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:
@@ -132,8 +119,8 @@ def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:
         if not (out / "metrics.json").is_file():
             print(f"{name}: not finished, left out")
             continue
-        runs.append({"learner": name, "train_seconds": round(_log_seconds(out / "train.log"), 1),
-                     "evaluate_seconds": round(_log_seconds(out / "evaluate.log"), 1),
+        runs.append({"learner": name, "train_seconds": round(log_seconds(out / "train.log"), 1),
+                     "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1),
                      "metrics": json.loads((out / "metrics.json").read_text())})
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs,
             "threads": args.threads, "config": _config(), "runs": runs,

@@ -33,7 +33,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_DIR, RESULTS_DIR, machine_info, median, update_readme_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_DIR,
+    RESULTS_DIR,
+    log_seconds,
+    machine_info,
+    median,
+    run_bundle,
+    trained,
+    update_readme_table,
+    write_json,
+)
 
 ROOT = BENCH_DIR.parent
 BUNDLE = ROOT / "bundles" / "fewshot_segmentation_3d"
@@ -44,31 +54,10 @@ MARKER = "dice"
 ALPNET_ANCHOR = 73.0
 
 
-def _log_seconds(log: Path) -> float:
-    import datetime as dt
-
-    stamps = [dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.read_text().splitlines()
-              if len(line) > 23 and line[:2] == "20" and line[4] == "-"]
-    return (stamps[-1] - stamps[0]).total_seconds() if len(stamps) > 1 else 0.0
 
 
-def bundle(configs: list[str], out: Path, cache: Path, threads: int, *args: str) -> float:
-    files = "[" + ",".join(f"'configs/{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--output_dir", str(out),
-           "--ckpt_path", str(out / "model.pt"), "--cache_dir", str(cache), "--progress", "False", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    log_file = out / f"{configs[-1].split('.')[0]}.log"
-    t0 = time.perf_counter()
-    with open(log_file, "w") as log:
-        proc = subprocess.run(cmd, cwd=BUNDLE, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed, see {log_file}")
-    return time.perf_counter() - t0
 
 
-def _trained(out: Path) -> bool:
-    log = out / "train.log"
-    return (out / "model.pt").is_file() and log.is_file() and "Train completed" in log.read_text()
 
 
 _ADAPT_SCRIPT = r"""
@@ -138,21 +127,21 @@ def adaptation_cost(name: str, out: Path, cache: Path, threads: int, repeats: in
 def run_learner(name: str, work: Path, threads: int, reuse: bool, test_episodes: int | None) -> dict:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
-    if reuse and _trained(out):
-        train_s = _log_seconds(out / "train.log")
+    if reuse and trained(out):
+        train_s = log_seconds(out / "train.log")
         print(f"{name}: reusing the checkpoint trained earlier ({train_s:.0f} s)", flush=True)
     else:
-        train_s = bundle(["train.json"], out, work / "cache", threads, "--learner_name", name)
+        train_s = run_bundle(BUNDLE, ["train.json"], out, work / "cache", threads, "--learner_name", name)
     extra = [] if test_episodes is None else ["--test_episodes", str(test_episodes)]
     if not (reuse and (out / "metrics.json").is_file()):
-        bundle(["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name, *extra)
+        run_bundle(BUNDLE, ["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name, *extra)
     cost = adaptation_cost(name, out, work / "cache", threads)
     (out / "cost.json").write_text(json.dumps(cost, indent=2))
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"{name}: CT 1-shot Dice {_cell(metrics, 'ct_cross_subject', '1')}, "
           f"brain->T1 1-shot {_cell(metrics, 'brain_labelmaps_to_t1', '1')} (train {train_s:.0f} s)", flush=True)
     return {"learner": name, "train_seconds": round(train_s, 1),
-            "evaluate_seconds": round(_log_seconds(out / "evaluate.log"), 1), "metrics": metrics, "cost": cost}
+            "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1), "metrics": metrics, "cost": cost}
 
 
 def _cell(metrics: dict, protocol: str, k: str, direction: str | None = None) -> str:
@@ -242,8 +231,8 @@ def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:
             print(f"{name}: not finished, left out")
             continue
         cost = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
-        runs.append({"learner": name, "train_seconds": round(_log_seconds(out / "train.log"), 1),
-                     "evaluate_seconds": round(_log_seconds(out / "evaluate.log"), 1),
+        runs.append({"learner": name, "train_seconds": round(log_seconds(out / "train.log"), 1),
+                     "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1),
                      "metrics": json.loads((out / "metrics.json").read_text()), "cost": cost})
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs, "threads": args.threads,
             "config": _config(), "runs": runs,

@@ -30,6 +30,7 @@ __all__ = [
     "prepare_episode_for",
     "write_metrics",
     "load_task_file",
+    "read_task_file",
     "inference_transforms",
     "predict_task",
 ]
@@ -358,6 +359,49 @@ def _config_file_list(files: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- inference
+def read_task_file(
+    path: str | os.PathLike,
+    data_dir: str | None,
+    support_files: Sequence[str],
+    query_files: Sequence[str],
+    expected: str,
+) -> dict[str, Any]:
+    """The checks every few-shot task file gets: readable JSON with non-empty ``support`` and ``query`` lists of
+    dicts holding ``image``, a ``label`` on every support item, and the file entries (``support_files`` /
+    ``query_files`` keys present in an item) resolved to existing paths, relative to the task file's folder or
+    ``data_dir``. Exits with a one-line error naming the item and file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"task_file {str(path)!r} not found")
+    try:
+        task = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        fail(f"task_file {str(path)!r} is not valid JSON: {err}")
+    if not isinstance(task, dict) or not task.get("support"):
+        fail(f"task_file {str(path)!r} has no support examples (expected {expected})")
+    if not task.get("query"):
+        fail(f"task_file {str(path)!r} has no query images")
+    bases = [path.parent] + ([Path(data_dir)] if data_dir else [])
+
+    def resolve(p: str, where: str) -> str:
+        for base in bases:
+            cand = Path(p) if Path(p).is_absolute() else base / p
+            if cand.exists():
+                return str(cand)
+        fail(f"{where}: file {p!r} not found (relative to {', '.join(str(b) for b in bases)})")
+
+    for part, keys in (("support", support_files), ("query", query_files)):
+        for i, item in enumerate(task[part]):
+            if not isinstance(item, dict) or "image" not in item:
+                fail(f"task_file {part}[{i}] has no 'image'")
+            if part == "support" and "label" not in item:
+                fail(f"task_file support[{i}] ({item['image']}) has no 'label'")
+            for key in keys:
+                if key in item:
+                    item[key] = resolve(item[key], f"{part}[{i}]" + ("" if key == "image" else f" {key}"))
+    return task
+
+
 def load_task_file(path: str | os.PathLike, data_dir: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """Reads and checks a few-shot task file.
 
@@ -373,35 +417,8 @@ def load_task_file(path: str | os.PathLike, data_dir: str | None = None) -> dict
     Exits with a one-line error for: a missing/unreadable file, no support, fewer than 2 classes, a support item
     without ``label``, a missing image.
     """
-    path = Path(path)
-    if not path.is_file():
-        fail(f"task_file {str(path)!r} not found")
-    try:
-        task = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        fail(f"task_file {str(path)!r} is not valid JSON: {err}")
-    if not isinstance(task, dict) or not task.get("support"):
-        fail(f"task_file {str(path)!r} has no support examples (expected {{'support': [...], 'query': [...]}})")
-    if not task.get("query"):
-        fail(f"task_file {str(path)!r} has no query images")
-    bases = [path.parent] + ([Path(data_dir)] if data_dir else [])
-
-    def resolve(p: str, where: str) -> str:
-        for base in bases:
-            cand = Path(p) if Path(p).is_absolute() else base / p
-            if cand.exists():
-                return str(cand)
-        fail(f"{where}: file {p!r} not found (relative to {', '.join(str(b) for b in bases)})")
-
-    for part in ("support", "query"):
-        for i, item in enumerate(task[part]):
-            if not isinstance(item, dict) or "image" not in item:
-                fail(f"task_file {part}[{i}] has no 'image'")
-            if part == "support" and "label" not in item:
-                fail(f"task_file support[{i}] ({item['image']}) has no 'label'")
-            item["image"] = resolve(item["image"], f"{part}[{i}]")
-            if "mask" in item:
-                item["mask"] = resolve(item["mask"], f"{part}[{i}] mask")
+    task = read_task_file(path, data_dir, support_files=("image", "mask"), query_files=("image", "mask"),
+                          expected="{'support': [{'image', 'label'}], 'query': [{'image'}]}")
     labels = sorted({str(it["label"]) for it in task["support"]})
     if len(labels) < 2:
         fail(f"task_file support has {len(labels)} class ({labels}): a few-shot task needs at least 2 classes")

@@ -39,6 +39,7 @@ from monai_metalearn.apps.classification import (
     check_class_splits,
     fail,
     load_learner,
+    read_task_file,
 )
 
 __all__ = [
@@ -505,37 +506,8 @@ def load_segmentation_task(path: str | os.PathLike, data_dir: str | None = None)
     Exits with a one-line error for: a missing/unreadable task file, no support, no query, a support item without
     ``label``, a missing file.
     """
-    path = Path(path)
-    if not path.is_file():
-        fail(f"task_file {str(path)!r} not found")
-    try:
-        task = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        fail(f"task_file {str(path)!r} is not valid JSON: {err}")
-    if not isinstance(task, dict) or not task.get("support"):
-        fail(f"task_file {str(path)!r} has no support examples (expected {{'support': [{{'image', 'label'}}], "
-             "'query': [{'image'}]})")
-    if not task.get("query"):
-        fail(f"task_file {str(path)!r} has no query images")
-    bases = [path.parent] + ([Path(data_dir)] if data_dir else [])
-
-    def resolve(p: str, where: str) -> str:
-        for base in bases:
-            cand = Path(p) if Path(p).is_absolute() else base / p
-            if cand.exists():
-                return str(cand)
-        fail(f"{where}: file {p!r} not found (relative to {', '.join(str(b) for b in bases)})")
-
-    for part in ("support", "query"):
-        for i, item in enumerate(task[part]):
-            if not isinstance(item, dict) or "image" not in item:
-                fail(f"task_file {part}[{i}] has no 'image'")
-            if part == "support" and "label" not in item:
-                fail(f"task_file support[{i}] ({item['image']}) has no 'label' (its mask file)")
-            item["image"] = resolve(item["image"], f"{part}[{i}]")
-            if part == "support":
-                item["label"] = resolve(item["label"], f"support[{i}] label")
-    return task
+    return read_task_file(path, data_dir, support_files=("image", "label"), query_files=("image",),
+                          expected="{'support': [{'image', 'label'}], 'query': [{'image'}]}")
 
 
 def _reader(pixdim: Sequence[float] | None, with_label: bool):
