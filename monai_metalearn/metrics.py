@@ -23,6 +23,7 @@ __all__ = [
     "T_SWITCH_N",
     "mean_ci95",
     "binary_dice",
+    "slab_dice",
     "summarize",
     "EpisodeMetric",
     "EpisodeAccuracy",
@@ -108,6 +109,33 @@ def binary_dice(
     denom = p.sum(1) + t.sum(1)
     dice = torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1.0), torch.full_like(denom, float(empty_score)))
     return dice.mean() if reduction == "mean" else dice
+
+
+def slab_dice(pred: torch.Tensor, target: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """Dice restricted to the slices (along ``axis``, default the last: axial in RAS) that hold reference voxels.
+
+    The 3D analogue of the 2D few-shot protocol (e.g. SSL-ALPNet) that scores only the slices containing the
+    organ: false positives far above or below the structure do not count, those beside it in its slices do. Use it
+    next to the whole-volume Dice, never instead of it.
+
+    Args:
+        pred: predicted mask ``[B, ...]``; nonzero is foreground.
+        target: reference mask of the same shape.
+        axis: the slice axis.
+
+    Returns:
+        0-d tensor: Dice over all samples' slab voxels pooled (1.0 if the reference is empty and so is the prediction).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)}, {tuple(target.shape)}.")
+    axis = axis % target.ndim
+    other = [d for d in range(target.ndim) if d != axis]
+    keep = (target != 0).permute(axis, *other).reshape(target.shape[axis], -1).any(1)
+    if not bool(keep.any()):
+        return binary_dice(pred.reshape(1, -1), target.reshape(1, -1))
+    p = pred.permute(axis, *other).reshape(target.shape[axis], -1)[keep].reshape(1, -1)
+    t = target.permute(axis, *other).reshape(target.shape[axis], -1)[keep].reshape(1, -1)
+    return binary_dice(p, t)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -403,6 +403,8 @@ def evaluate_segmentation(
     K) whose structures have too few subjects is reported as such, not silently dropped.
 
     ``metrics.json``: ``dice`` (mean, ci95, n_episodes) and ``per_structure`` of the smallest K over all protocols,
+    each summary also under ``slab`` for the Dice on the structure's axial slices only (the 3D analogue of the 2D
+    protocol of SSL-ALPNet, which scores the slices that contain the organ; whole-volume Dice stays the main figure),
     ``by_shot`` (K -> summary over all protocols), ``by_protocol`` (name -> K -> summary with ``per_direction``,
     ``support -> query`` subject pairs), ``not_possible`` and ``episodes`` (one record per episode).
     """
@@ -474,17 +476,27 @@ def _direction(record: Mapping[str, Any]) -> str:
 
 
 def _summary(records: Sequence[Mapping[str, Any]], summarize) -> dict[str, Any]:
-    values = [r["dice"] for r in records]
-    per_structure: dict[str, list[float]] = defaultdict(list)
-    per_direction: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        per_structure[str(r.get("structure"))].append(r["dice"])
-        if len(r.get("support_subject", [])) == 1:
-            per_direction[_direction(r)].append(r["dice"])
-    out = summarize(values, per_class=dict(per_structure), name="dice", group_key="per_structure")
-    if per_direction:
-        out["per_direction"] = summarize([0.0], per_class=dict(per_direction), name="dice",
-                                         group_key="per_direction")["per_direction"]
+    """Dice summary of episode records: overall, ``per_structure``, ``per_direction`` (1-shot) and ``slab`` (the
+    same for the Dice on the structure's axial slices, see :func:`~monai_metalearn.metrics.slab_dice`)."""
+    out: dict[str, Any] = {}
+    for key, prefix in (("dice", ""), ("dice_slab", "slab_")):
+        if not all(key in r for r in records):
+            continue
+        values = [r[key] for r in records]
+        per_structure: dict[str, list[float]] = defaultdict(list)
+        per_direction: dict[str, list[float]] = defaultdict(list)
+        for r in records:
+            per_structure[str(r.get("structure"))].append(r[key])
+            if len(r.get("support_subject", [])) == 1:
+                per_direction[_direction(r)].append(r[key])
+        part = summarize(values, per_class=dict(per_structure), name="dice", group_key="per_structure")
+        if per_direction:
+            part["per_direction"] = summarize([0.0], per_class=dict(per_direction), name="dice",
+                                              group_key="per_direction")["per_direction"]
+        if prefix:
+            out["slab"] = part
+        else:
+            out.update(part)
     return out
 
 

@@ -18,7 +18,7 @@ from monai_metalearn.engines.utils import (
     is_meta_batch,
     resolve_amp_dtype,
 )
-from monai_metalearn.metrics import EpisodeAccuracy, EpisodeDice, binary_dice, mean_ci95, summarize
+from monai_metalearn.metrics import EpisodeAccuracy, EpisodeDice, binary_dice, mean_ci95, slab_dice, summarize
 
 if TYPE_CHECKING:
     from ignite.engine import EventEnum
@@ -89,7 +89,9 @@ class MetaEvaluator(Evaluator):
             predictor adapted on patches); default ``predictor(query_x)``.
 
     ``engine.state.episode_records`` holds one dict per episode: its value, ``structure`` (segmentation) and the
-    support / query subjects when the episode names them, e.g. to report CT-1 -> CT-2 and CT-2 -> CT-1 separately.
+    support / query subjects when the episode names them; for segmentation also ``dice_slab`` (Dice on the slices of
+    the last spatial axis that hold the reference structure, see :func:`~monai_metalearn.metrics.slab_dice`) and the
+    predicted / reference voxel counts, e.g. to report CT-1 -> CT-2 and CT-2 -> CT-1 separately.
 
     Example::
 
@@ -247,6 +249,7 @@ class MetaEvaluator(Evaluator):
     def _score(self, logits: torch.Tensor, qy: torch.Tensor, episode: Mapping[str, Any]) -> dict[str, Any]:
         """Per-episode value, query loss and per-group bookkeeping of one episode's query predictions."""
         logits = logits.detach().float()
+        extra: dict[str, Any] = {}
         if self.task == "classification":
             target = qy.reshape(-1).long()
             pred = logits.argmax(1)
@@ -273,8 +276,10 @@ class MetaEvaluator(Evaluator):
                 loss = float(F.cross_entropy(logits, target[:, 0]))
             value = float(binary_dice(pred, target))
             self._group_values[str(episode.get("structure", "structure"))].append(value)
+            extra = {"dice_slab": float(slab_dice(pred, target)), "pred_voxels": int(pred.sum()),
+                     "true_voxels": int(target.sum())}
         self.state.episode_values.append(value)
-        record: dict[str, Any] = {self.value_key: value}
+        record: dict[str, Any] = {self.value_key: value, **extra}
         for key in ("episode", "structure", "support_subject", "query_subject"):
             if key in episode:
                 record[key] = episode[key]

@@ -121,3 +121,18 @@ def test_metric_on_event_values_property():
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(metric.values))
     engine.run([0.25, 0.75], max_epochs=1)
     assert seen == [[0.25, 0.75]]
+
+
+def test_slab_dice_scores_only_the_slices_holding_the_structure():
+    from monai_metalearn.metrics import slab_dice
+
+    target = torch.zeros(1, 1, 8, 8, 10)
+    target[..., 2:6, 2:6, 4:6] = 1  # 32 voxels on slices 4-5
+    far = target.clone()
+    far[..., 0:2, 0:2, 8:10] = 1  # 8 false positives on slices 8-9: outside the slab
+    assert float(binary_dice(far, target)) == pytest.approx(64 / 72)
+    assert float(slab_dice(far, target)) == 1.0
+    near = target.clone()
+    near[..., 6:8, 6:8, 4:6] = 1  # 8 false positives on slices 4-5: inside the slab, counted
+    assert float(slab_dice(near, target)) == pytest.approx(64 / 72)
+    assert float(slab_dice(target[..., :3], target[..., :3])) == 1.0  # no reference voxel: empty vs empty
