@@ -552,7 +552,8 @@ def segment_task(
     Support scans are read with their masks (same grid required), resampled to ``pixdim`` and cut into
     ``n_patches`` patches each around the structure and its background; the adapted model segments each whole
     query with a sliding window at ``pixdim``, and the mask is resampled back (MONAI ``Invertd``: nearest neighbour)
-    onto the query's own grid and saved (``SaveImaged``) as ``<query name>_seg.nii.gz``, with the query's affine.
+    onto the query's own grid and saved (``SaveImaged``) as ``<query name>_seg.nii.gz``, with the query's affine
+    (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name).
     ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml.
 
     Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
@@ -598,6 +599,7 @@ def segment_task(
     saver = SaveImaged(keys="pred", output_dir=str(output_dir), output_postfix="seg", separate_folder=False,
                        resample=False, output_dtype=np.uint8, print_log=False)
     outputs = []
+    used: set[str] = set()
     for i, item in enumerate(task["query"]):
         where = f"query[{i}] {item['image']}"
         try:
@@ -617,6 +619,9 @@ def segment_task(
         inverted = Invertd(keys="pred", transform=query_read, orig_keys="image", nearest_interp=True)(d)
         mask = inverted["pred"]
         name = _output_name(item["image"])
+        if name in used:  # two queries with one base name (two DICOM folders called "series"): keep both masks
+            name = f"{name}_query{i}"
+        used.add(name)
         mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta={**mask.meta, "filename_or_obj": f"{name}.nii.gz"})
         saved = saver({"pred": mask})
         path = Path(output_dir) / f"{name}_seg.nii.gz"

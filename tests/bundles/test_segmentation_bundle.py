@@ -162,16 +162,20 @@ def test_inference_writes_masks_on_each_querys_own_grid(trained, data_dir, tmp_p
     task = {  # relative paths: found under --data_dir (not in the task file's folder)
         "support": [{"image": f"{TS}/example_ct.nii.gz", "label": f"{TS}/example_seg_fast_force_split.nii.gz",
                      "label_value": 5}],
-        "query": [{"image": f"{TS}/example_ct_dicom"}, {"image": f"{TS}/example_ct.nii.gz"}],
+        "query": [{"image": f"{TS}/example_ct_dicom"}, {"image": f"{TS}/example_ct.nii.gz"},
+                  {"image": f"{TS}/example_ct.nii.gz"}],  # the same name twice: two masks, none overwritten
     }
     (tmp_path / "task.json").write_text(json.dumps(task))
     res = tmp_path / "out"
     ok(bundle(["train.json", "inference.json"], *SMALL, "--task_file", str(tmp_path / "task.json"), "--data_dir",
               str(data_dir), out=res, ckpt=out / "model.pt"))
     listing = json.loads((res / "segmentations.json").read_text())
-    assert listing["k_shot"] == 1 and len(listing["segmentations"]) == 2
+    assert listing["k_shot"] == 1 and len(listing["segmentations"]) == 3
     by_name = {Path(s["mask"]).name: s for s in listing["segmentations"]}
-    assert set(by_name) == {"example_ct_dicom_seg.nii.gz", "example_ct_seg.nii.gz"}
+    assert set(by_name) == {"example_ct_dicom_seg.nii.gz", "example_ct_seg.nii.gz", "example_ct_query2_seg.nii.gz"}
+    twice = [np.asarray(nib.load(by_name[n]["mask"]).dataobj) for n in ("example_ct_seg.nii.gz",
+                                                                         "example_ct_query2_seg.nii.gz")]
+    np.testing.assert_array_equal(*twice)  # one adapted model, one query: the same mask
 
     dicom = LoadScan()(str(data_dir / TS / "example_ct_dicom"))
     nifti = nib.load(str(data_dir / TS / "example_ct.nii.gz"))
