@@ -58,6 +58,7 @@ __all__ = [
     "build_segmentation_learner",
     "prepare_segmentation_episode_for",
     "sliding_window_inferer",
+    "ContentGuardInferer",
     "evaluate_segmentation",
     "load_segmentation_task",
     "segment_task",
@@ -312,12 +313,47 @@ def volume_transforms():
     return EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False)
 
 
-def sliding_window_inferer(patch_size: Sequence[int] = (32, 32, 32), sw_batch_size: int = 4, overlap: float = 0.25):
-    """``monai.inferers.SlidingWindowInferer`` over windows of the training patch size (Gaussian blending)."""
+class ContentGuardInferer:
+    """A sliding-window inferer whose windows without image content (constant intensity: air outside the body,
+    padding) are labelled background without asking the network.
+
+    Instance normalisation turns a constant window into an all-zero feature map, whose prediction is whatever the
+    biases say: a model that never saw such windows in training (patches are cut around structures) can paint the
+    air around a CT as foreground. A window with no intensity variation cannot show a structure.
+
+    Args:
+        inferer: the wrapped ``SlidingWindowInferer`` (or any ``inferer(x, network)``).
+        min_std: windows whose intensity standard deviation is at most this are constant.
+        background_logit: the margin given to channel 0 in guarded windows.
+    """
+
+    def __init__(self, inferer: Any, min_std: float = 1e-4, background_logit: float = 10.0) -> None:
+        self.inferer, self.min_std, self.background_logit = inferer, float(min_std), float(background_logit)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def guarded(windows: torch.Tensor) -> torch.Tensor:
+            logits = network(windows)
+            flat = windows.reshape(windows.shape[0], -1).float()
+            empty = flat.std(dim=1) <= self.min_std
+            if bool(empty.any()):
+                logits = logits.clone()
+                fill = torch.full_like(logits[0], -self.background_logit)
+                fill[0] = self.background_logit
+                logits[empty] = fill
+            return logits
+
+        return self.inferer(inputs, guarded, *args, **kwargs)
+
+
+def sliding_window_inferer(patch_size: Sequence[int] = (32, 32, 32), sw_batch_size: int = 4, overlap: float = 0.25,
+                           guard_empty: bool = True):
+    """``monai.inferers.SlidingWindowInferer`` over windows of the training patch size (Gaussian blending); with
+    ``guard_empty``, windows without image content are background (:class:`ContentGuardInferer`)."""
     from monai.inferers import SlidingWindowInferer
 
-    return SlidingWindowInferer(roi_size=tuple(patch_size), sw_batch_size=int(sw_batch_size), overlap=float(overlap),
-                                mode="gaussian")
+    inferer = SlidingWindowInferer(roi_size=tuple(patch_size), sw_batch_size=int(sw_batch_size),
+                                   overlap=float(overlap), mode="gaussian")
+    return ContentGuardInferer(inferer) if guard_empty else inferer
 
 
 # ------------------------------------------------------------------------------------------------- learners

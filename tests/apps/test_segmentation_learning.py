@@ -117,3 +117,17 @@ def test_scratch_baseline_has_nothing_to_meta_train(episodes):
     assert all(torch.equal(state[k], v) for k, v in learner.state_dict().items())
     # adapting from scratch on one real support scan already finds some of the organ
     assert 0.0 <= _fixed_dice(learner, fixed) <= 1.0
+
+
+def test_windows_without_content_are_background():
+    """A network that calls everything foreground: the guarded sliding window keeps it only where the image varies."""
+
+    def everything(x):
+        return torch.stack([torch.zeros_like(x[:, 0]), torch.ones_like(x[:, 0])], 1)
+
+    image = torch.zeros(1, 1, 64, 32, 32)
+    image[:, :, :32] = torch.rand(1, 1, 32, 32, 32)  # tissue in the first half, air (constant) in the second
+    guarded = seg.sliding_window_inferer((32, 32, 32), overlap=0.0)(image, everything).argmax(1)
+    plain = seg.sliding_window_inferer((32, 32, 32), overlap=0.0, guard_empty=False)(image, everything).argmax(1)
+    assert bool(plain.all())
+    assert bool(guarded[:, :32].all()) and not bool(guarded[:, 32:].any())
