@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from monai_metalearn.apps.classification import (
@@ -44,7 +43,8 @@ from monai_metalearn.apps.classification import (
 
 __all__ = [
     "CT_WINDOW",
-    "ScaleScanIntensityd",
+    "scale_intensity",
+    "guess_modality",
     "SynthesizeMissingImaged",
     "check_cli_overrides",
     "check_checkpoint",
@@ -99,31 +99,6 @@ def _reason(err: BaseException) -> str:
 def guess_modality(image: torch.Tensor) -> str:
     """``"CT"`` when the image holds Hounsfield-like air (minimum below -500), else ``"MR"``."""
     return "CT" if float(image.min()) < -500 else "MR"
-
-
-class ScaleScanIntensityd(MapTransform):
-    """Scales ``keys`` to ``[0, 1]`` by modality (:func:`scale_intensity`); the modality comes from
-    ``data[modality_key]`` (``"CT"``, ``"MR"``), or is guessed from the intensities when absent."""
-
-    def __init__(self, keys: KeysCollection, modality_key: str = "modality", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.modality_key = modality_key
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            modality = d.get(self.modality_key) or guess_modality(d[key])
-            d[key] = _like(scale_intensity(d[key], modality), d[key])
-        return d
-
-
-def _like(values: torch.Tensor, ref: Any) -> Any:
-    from monai.data import MetaTensor
-
-    if isinstance(ref, MetaTensor):
-        out = MetaTensor(values, meta=ref.meta, applied_operations=list(ref.applied_operations))
-        return out
-    return values
 
 
 class SynthesizeMissingImaged(Randomizable, MapTransform):
@@ -595,7 +570,7 @@ def segment_task(
     Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
     unreadable scan (names the task item and file), a task file with no support or no query.
     """
-    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, SaveImaged  # noqa: F401
+    from monai.transforms import Invertd, SaveImaged
 
     from monai_metalearn.data import ScanLoadError
 

@@ -131,3 +131,13 @@ def test_windows_without_content_are_background():
     plain = seg.sliding_window_inferer((32, 32, 32), overlap=0.0, guard_empty=False)(image, everything).argmax(1)
     assert bool(plain.all())
     assert bool(guarded[:, :32].all()) and not bool(guarded[:, 32:].any())
+
+
+def test_intensity_scaling_by_modality(subjects):
+    ct = torch.tensor([[-1000.0, -250.0, 50.0, 350.0, 2000.0]])
+    assert seg.scale_intensity(ct, "CT")[0].tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    assert seg.guess_modality(ct) == "CT" and seg.guess_modality(ct.clamp(min=0)) == "MR"
+    mr = torch.cat([torch.zeros(1000), torch.linspace(10, 1010, 1001)])  # skull-stripped: zero background
+    scaled = seg.scale_intensity(mr, "MR")
+    assert float(scaled[:1000].max()) == 0.0 and float(scaled.max()) == 1.0
+    assert float(scaled[1000 + 500]) == pytest.approx(0.5, abs=0.01)  # percentiles of the non-zero voxels
