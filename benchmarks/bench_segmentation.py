@@ -124,6 +124,51 @@ def adaptation_cost(name: str, out: Path, cache: Path, threads: int, repeats: in
     return res
 
 
+_INIT_SCRIPT = r"""
+import sys, torch
+from monai.bundle import ConfigParser
+parser = ConfigParser()
+parser.read_config(f"{sys.argv[1]}/configs/train.json")
+parser["learner_name"] = sys.argv[2]
+torch.manual_seed(0)
+learner = parser.get_parsed_content("learner")
+torch.save({"learner": learner.state_dict()}, sys.argv[3])
+"""
+
+
+def cost_table(work: Path, learners: list[str], threads: int) -> dict:
+    """Adaptation cost of every learner at its initial weights (time and memory do not depend on the weights)."""
+    runs = []
+    for name in learners:
+        out = work / "cost_only" / name
+        out.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", _INIT_SCRIPT, str(BUNDLE), name, str(out / "model.pt")], check=True,
+                       cwd=BUNDLE, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        cost = adaptation_cost(name, out, work / "cache", threads)
+        print(f"{name}: adapt {cost['adapt_median_s']:.2f} s, segment {cost['segment_median_s']:.2f} s, "
+              f"+{cost['peak_rss_growth_mib']:.0f} MiB", flush=True)
+        runs.append({"learner": name, "cost": cost})
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "threads": threads, "runs": runs}
+
+
+def cost_markdown(results: dict) -> str:
+    rows = ["| learner | adapt s (median of 3) | segment CT-2 s | peak memory growth MiB | support patches |",
+            "|---|---:|---:|---:|---:|"]
+    for r in results["runs"]:
+        c = r["cost"]
+        rows.append(f"| {r['learner']} | {c['adapt_median_s']:.2f} | {c['segment_median_s']:.2f} "
+                    f"| {c['peak_rss_growth_mib']:.0f} | {c['support_patches']} |")
+    rows.append("")
+    rows.append(
+        f"One 1-shot episode (liver, support CT-1, query the whole CT-2 at 3 mm), bundle defaults, initial weights "
+        f"(the cost does not depend on them), each learner in a fresh process, {results['threads']} torch thread(s), "
+        f"{results['machine'].get('cpu_count')} CPU cores, {results['date']}; device: {results['runs'][0]['cost']['device']}. "
+        "Memory: growth of the process's maximum resident set during adaptation and segmentation. No GPU was lent to "
+        "this run; on CUDA the script reports peak allocated memory instead."
+    )
+    return "\n".join(rows)
+
+
 def run_learner(name: str, work: Path, threads: int, reuse: bool, test_episodes: int | None) -> dict:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +298,20 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="skip what --work already holds for a learner")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the README tables")
     parser.add_argument("--collect", action="store_true", help="results from the learners finished in --work")
+    parser.add_argument("--cost_only", action="store_true",
+                        help="only the adaptation cost of every learner (initial weights), results/segmentation_cost.json")
     args = parser.parse_args()
+    if args.cost_only:
+        work = Path(args.work)
+        learners = [n.strip() for n in args.learners.split(",") if n.strip()]
+        results = cost_table(work, learners, args.threads)
+        write_json(RESULTS_DIR / "segmentation_cost.json", results)
+        md = cost_markdown(results)
+        update_readme_table("adapt_cost", md)
+        if DOCS.is_file():
+            update_readme_table("adapt_cost", md, readme=DOCS)
+        print(md)
+        return
     out_json = RESULTS_DIR / "segmentation.json"
     learners = [n.strip() for n in args.learners.split(",") if n.strip()]
     if args.from_json:
