@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_checkpoint",
     "check_class_splits",
     "load_structure_patches",
+    "cached",
     "GlobalLabels",
     "build_learner",
     "load_learner",
@@ -106,21 +107,31 @@ def load_structure_patches(
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"patches_{_patch_key(datalist, structures, pixdim, n_views)}.pt"
-        if cache_file.is_file():
-            try:
-                return torch.load(cache_file, weights_only=False)
-            except Exception:  # a damaged cache is rebuilt, never trusted
-                cache_file.unlink()
-    try:
-        patches = build_structure_patches(datalist, structures, pixdim=pixdim, n_views=n_views, progress=progress)
-    except ValueError as err:
-        fail(str(err))
+
+    def build() -> list[dict[str, Any]]:
+        try:
+            return build_structure_patches(datalist, structures, pixdim=pixdim, n_views=n_views, progress=progress)
+        except ValueError as err:
+            fail(str(err))
+
+    return cached(cache_file, build)
+
+
+def cached(cache_file: Path | None, build: Callable[[], Any]) -> Any:
+    """``build()``, saved to ``cache_file`` (``torch.save``, written atomically) and read back by later calls; a
+    damaged cache file is rebuilt, never trusted. ``cache_file=None``: no caching."""
+    if cache_file is not None and cache_file.is_file():
+        try:
+            return torch.load(cache_file, weights_only=False)
+        except Exception:
+            cache_file.unlink()
+    value = build()
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
-        torch.save(patches, tmp)
+        torch.save(value, tmp)
         tmp.replace(cache_file)
-    return patches
+    return value
 
 
 def _patch_key(datalist: Sequence[Mapping[str, Any]], structures: Sequence[str], pixdim: Any, n_views: int) -> str:

@@ -32,6 +32,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from monai_metalearn.apps.classification import (
     _patch_key,
+    cached,
     check_cli_overrides,
     check_data_dir,
     check_checkpoint,
@@ -161,10 +162,7 @@ def load_segmentation_subjects(
     Exits with a one-line error for an unknown source, a missing data dir, an unreadable scan or a structure that no
     subject has.
     """
-    from monai.transforms import Compose, Orientationd, Spacingd
-    from tqdm.auto import tqdm
-
-    from monai_metalearn.data import SOURCES, LoadScand, ScanLoadError, load_datalist
+    from monai_metalearn.data import SOURCES, load_datalist
 
     check_data_dir(data_dir)
     unknown = [s for s in sources if s not in SOURCES]
@@ -177,13 +175,15 @@ def load_segmentation_subjects(
         fail(f"structures {missing} are in none of the sources {list(sources)}")
     cache_file = None
     if cache_dir is not None:
-        key = _patch_key(datalist, structures, pixdim, 0)
-        cache_file = Path(cache_dir) / f"subjects_{key}.pt"
-        if cache_file.is_file():
-            try:
-                return torch.load(cache_file, weights_only=False)
-            except Exception:  # a damaged cache is rebuilt, never trusted
-                cache_file.unlink()
+        cache_file = Path(cache_dir) / f"subjects_{_patch_key(datalist, structures, pixdim, 0)}.pt"
+    return cached(cache_file, lambda: _read_subjects(datalist, structures, pixdim, progress, min_voxels))
+
+
+def _read_subjects(datalist, structures, pixdim, progress, min_voxels) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    from monai_metalearn.data import ScanLoadError, scan_reader
+
     wanted = set(structures)
     out = []
     for item in tqdm(datalist, desc="load subjects", disable=not progress, leave=False):
@@ -191,11 +191,8 @@ def load_segmentation_subjects(
         if not present:
             continue
         keys = [k for k in ("image", "label") if item.get(k) is not None]
-        steps = [LoadScand(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
-        if pixdim is not None:
-            steps.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear" if k == "image" else "nearest" for k in keys]))
         try:
-            loaded = Compose(steps)({k: item[k] for k in keys})
+            loaded = scan_reader(keys, pixdim)({k: item[k] for k in keys})
         except (ScanLoadError, RuntimeError) as err:
             fail(f"subject {item.get('subject')!r}: {_reason(err)}")
         label = loaded["label"].as_tensor().round().to(torch.int16)
@@ -221,11 +218,6 @@ def load_segmentation_subjects(
         if "image" in loaded:
             entry["image"] = scale_intensity(loaded["image"].as_tensor(), item.get("modality"))
         out.append(entry)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(cache_file)
     return out
 
 
@@ -263,7 +255,9 @@ class _PosNegPatchesd(Randomizable, MapTransform):
         return [sample for crop in self.crops for sample in crop(data)]
 
 
-def patch_transforms(patch_size: Sequence[int] = (32, 32, 32), num_samples: int = 4, pos: float = 1.0, neg: float = 1.0):
+def patch_transforms(
+    patch_size: Sequence[int] = (32, 32, 32), num_samples: int = 4, pos: float = 1.0, neg: float = 1.0
+):
     """Patches around a binary structure mask and its background (``RandCropByPosNegLabeld``), padded to
     ``patch_size`` when the scan is smaller (CT-2 is a 20-slice slab); ``num_samples`` patches per subject, of which
     ``round(num_samples * pos / (pos + neg))`` on the structure (at least one when ``pos > 0``, and at least one on
@@ -534,15 +528,9 @@ def load_segmentation_task(path: str | os.PathLike, data_dir: str | None = None)
 
 
 def _reader(pixdim: Sequence[float] | None, with_label: bool):
-    from monai.transforms import Compose, Orientationd, Spacingd
+    from monai_metalearn.data import scan_reader
 
-    from monai_metalearn.data import LoadScand
-
-    keys = ["image", "label"] if with_label else ["image"]
-    steps = [LoadScand(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
-    if pixdim is not None:
-        steps.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear", "nearest"][: len(keys)]))
-    return Compose(steps)
+    return scan_reader(["image", "label"] if with_label else ["image"], pixdim)
 
 
 def segment_task(
@@ -622,7 +610,10 @@ def segment_task(
         x = scale_intensity(image.as_tensor(), modality)[None].to(device)
         with torch.no_grad():
             logits = inferer(x, predictor)
-        pred = logits.argmax(1).to(torch.uint8).cpu() if logits.shape[1] > 1 else (logits[:, :1] > 0).to(torch.uint8)[0].cpu()
+        if logits.shape[1] > 1:
+            pred = logits.argmax(1).to(torch.uint8).cpu()
+        else:
+            pred = (logits[:, :1] > 0).to(torch.uint8)[0].cpu()
         from monai.data import MetaTensor
 
         d["pred"] = MetaTensor(pred.reshape(image.shape), meta=dict(image.meta),
@@ -633,7 +624,8 @@ def segment_task(
         if name in used:  # two queries with one base name (two DICOM folders called "series"): keep both masks
             name = f"{name}_query{i}"
         used.add(name)
-        mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta={**mask.meta, "filename_or_obj": f"{name}.nii.gz"})
+        meta = {**mask.meta, "filename_or_obj": f"{name}.nii.gz"}
+        mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta=meta)
         saved = saver({"pred": mask})
         path = Path(output_dir) / f"{name}_seg.nii.gz"
         voxel_ml = float(abs(np.linalg.det(np.asarray(mask.affine)[:3, :3]))) / 1000.0

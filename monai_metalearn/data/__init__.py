@@ -8,7 +8,13 @@ from monai_metalearn.data.episodes import (
 )
 from monai_metalearn.data.loading import LoadScan, LoadScand, LoadScanD, LoadScanDict, ScanLoadError, validate_datalist
 from monai_metalearn.data.names import FREESURFER_NAMES, STRUCTURE_NAMES, TOTALSEG_NAMES, canonical_name
-from monai_metalearn.data.patches import build_structure_patches, class_counts, patch_transforms, render_patches
+from monai_metalearn.data.patches import (
+    build_structure_patches,
+    class_counts,
+    patch_transforms,
+    render_patches,
+    scan_reader,
+)
 from monai_metalearn.data.readers import NpzReader
 from monai_metalearn.data.sampler import Episode, EpisodeSampler, check_disjoint_splits, split_classes
 from monai_metalearn.data.sources import SOURCES, Source, data_dir, get_source, load_datalist
@@ -40,6 +46,7 @@ __all__ = [
     "load_datalist",
     "patch_transforms",
     "render_patches",
+    "scan_reader",
     "split_classes",
     "validate_datalist",
 ]

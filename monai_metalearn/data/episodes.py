@@ -274,7 +274,8 @@ class SegmentationEpisodeDataset(TorchDataset):
                 short[s] = have
         if short:
             where = "" if self.support_subjects is None and self.query_subjects is None else (
-                f" (support from {self.support_subjects or 'any subject'}, query from {self.query_subjects or 'any subject'})"
+                f" (support from {self.support_subjects or 'any subject'}, "
+                f"query from {self.query_subjects or 'any subject'})"
             )
             raise ValueError(
                 f"{len(short)} structure(s) are present in fewer than k_shot + q_query = {need} distinct subjects"

@@ -19,7 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["build_structure_patches", "patch_transforms", "render_patches", "class_counts"]
+__all__ = ["build_structure_patches", "patch_transforms", "render_patches", "class_counts", "scan_reader"]
+
+
+def scan_reader(keys: Sequence[str], pixdim: Sequence[float] | None = None):
+    """Checked loading (:class:`~monai_metalearn.data.LoadScand`: one grid for all ``keys``), RAS orientation and,
+    with ``pixdim``, resampling (bilinear for ``image``, nearest for the rest): how every pipeline here reads a
+    subject. Invertible with MONAI's ``Invertd`` (orientation and spacing)."""
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    from monai_metalearn.data.loading import LoadScand
+
+    keys = list(keys)
+    steps = [LoadScand(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if pixdim is not None:
+        steps.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear" if k == "image" else "nearest" for k in keys]))
+    return Compose(steps)
 
 
 def build_structure_patches(
@@ -56,10 +71,8 @@ def build_structure_patches(
         ValueError: unknown structure names; a structure listed in an item's ``structures`` but with fewer than
             ``min_voxels`` voxels in its label map (names subject, structure and file).
     """
-    from monai.transforms import Compose, Orientationd, Spacingd
     from tqdm.auto import tqdm
 
-    from monai_metalearn.data.loading import LoadScand
     from monai_metalearn.transforms import CropStructure
 
     if n_views < 1:
@@ -76,10 +89,7 @@ def build_structure_patches(
         if not present:
             continue
         keys = [k for k in ("image", "label") if item.get(k) is not None]
-        steps = [LoadScand(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
-        if pixdim is not None:
-            steps.append(Spacingd(keys=keys, pixdim=pixdim, mode=["bilinear" if k == "image" else "nearest" for k in keys]))
-        loaded = Compose(steps)({k: item[k] for k in keys})
+        loaded = scan_reader(keys, pixdim)({k: item[k] for k in keys})
         label = loaded["label"]
         label = label.to(torch.int16) if float(label.max()) > 255 else label.to(torch.uint8)
         image = loaded.get("image")
