@@ -25,6 +25,7 @@ __all__ = [
     "binary_dice",
     "slab_dice",
     "summarize",
+    "summarize_groups",
     "EpisodeMetric",
     "EpisodeAccuracy",
     "EpisodeDice",
@@ -171,12 +172,18 @@ def summarize(
     mean, ci = mean_ci95(xs, method=method)
     out: dict[str, Any] = {name: {"mean": _finite_or_none(mean), "ci95": _finite_or_none(ci), "n_episodes": len(xs)}}
     if per_class is not None:
-        groups: dict[str, Any] = {}
-        for cls in sorted(per_class, key=str):
-            cx = _as_floats(per_class[cls])
-            m, c = mean_ci95(cx, method=method)
-            groups[str(cls)] = {"mean": _finite_or_none(m), "ci95": _finite_or_none(c), "n": len(cx)}
-        out[group_key] = groups
+        out[group_key] = summarize_groups(per_class, method=method)
+    return out
+
+
+def summarize_groups(groups: Mapping[str, Iterable[float]], method: str = "auto") -> dict[str, Any]:
+    """``{group: {"mean", "ci95", "n"}}`` of per-group episode values (classes, structures, subject pairs),
+    sorted by name; an undefined interval (a single episode) is ``None``."""
+    out: dict[str, Any] = {}
+    for key in sorted(groups, key=str):
+        xs = _as_floats(groups[key])
+        m, c = mean_ci95(xs, method=method)
+        out[str(key)] = {"mean": _finite_or_none(m), "ci95": _finite_or_none(c), "n": len(xs)}
     return out
 
 

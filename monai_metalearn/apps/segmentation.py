@@ -207,7 +207,6 @@ def _read_subjects(datalist, structures, pixdim, progress, min_voxels) -> list[d
             logger.info(f"subject {item.get('subject')}: {dropped} have < {min_voxels} voxels at {pixdim} mm, dropped")
         entry = {
             "label": label,
-            "affine": loaded["label"].affine.clone(),
             "structures": kept,
             "subject": str(item.get("subject")),
             "modality": item.get("modality"),
@@ -301,14 +300,16 @@ class ContentGuardInferer:
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         def guarded(windows: torch.Tensor) -> torch.Tensor:
-            logits = network(windows)
-            flat = windows.reshape(windows.shape[0], -1).float()
-            empty = flat.std(dim=1) <= self.min_std
-            if bool(empty.any()):
-                logits = logits.clone()
-                fill = torch.full_like(logits[0], -self.background_logit)
-                fill[0] = self.background_logit
-                logits[empty] = fill
+            empty = windows.reshape(windows.shape[0], -1).float().std(dim=1) <= self.min_std
+            if not bool(empty.any()):
+                return network(windows)
+            # the network runs on the windows with content only (one window when none has, for the output shape)
+            content = network(windows[~empty] if not bool(empty.all()) else windows[:1])
+            fill = torch.full_like(content[0], -self.background_logit)
+            fill[0] = self.background_logit
+            logits = fill.expand(windows.shape[0], *fill.shape).clone()
+            if not bool(empty.all()):
+                logits[~empty] = content
             return logits
 
         return self.inferer(inputs, guarded, *args, **kwargs)
@@ -415,9 +416,8 @@ def evaluate_segmentation(
     """
     from monai.handlers import StatsHandler
 
-    from monai_metalearn.data import SegmentationEpisodeDataset, episode_loader
+    from monai_metalearn.data import SegmentationEpisodeDataset, can_draw_episode, episode_loader
     from monai_metalearn.engines import MetaEvaluator
-    from monai_metalearn.metrics import summarize
 
     raw = getattr(dataset, "data", dataset)
     have = _subject_counts(raw)
@@ -430,13 +430,7 @@ def evaluate_segmentation(
         by_protocol[name] = {}
         for k in shots:
             k = int(k)
-            usable = []
-            for s in proto["structures"]:
-                subs = have.get(s, set())
-                sup = [x for x in subs if sup_pool is None or x in sup_pool]
-                qry = [x for x in subs if qry_pool is None or x in qry_pool]
-                if len(sup) >= k and qry and len(set(sup) | set(qry)) >= k + 1:
-                    usable.append(s)
+            usable = [s for s in proto["structures"] if can_draw_episode(have.get(s, ()), k, 1, sup_pool, qry_pool)]
             skipped = [s for s in proto["structures"] if s not in usable]
             if skipped:
                 not_possible.append(f"{name} {k}-shot: {skipped} (too few subjects)")
@@ -455,12 +449,12 @@ def evaluate_segmentation(
             evaluator.run()
             recs = [{**r, "protocol": name, "k_shot": k} for r in evaluator.state.episode_records]
             records += recs
-            by_protocol[name][str(k)] = _summary(recs, summarize)
+            by_protocol[name][str(k)] = _summary(recs)
             m = evaluator.state.metrics
             logger.info(f"{name} {k}-shot: Dice {m['dice']:.4f} +/- {m['dice_ci95']:.4f} over {len(recs)} episodes")
     if not records:
         fail("no protocol could be evaluated: " + "; ".join(not_possible))
-    by_shot = {str(k): _summary([r for r in records if r["k_shot"] == int(k)], summarize)
+    by_shot = {str(k): _summary([r for r in records if r["k_shot"] == int(k)])
                for k in sorted({r["k_shot"] for r in records})}
     top = by_shot[min(by_shot, key=int)]
     out = {**top, "k_shot": int(min(by_shot, key=int)), **extra, "by_shot": by_shot, "by_protocol": by_protocol,
@@ -480,25 +474,25 @@ def _direction(record: Mapping[str, Any]) -> str:
     return f"{'+'.join(record.get('support_subject', []))} -> {'+'.join(record.get('query_subject', []))}"
 
 
-def _summary(records: Sequence[Mapping[str, Any]], summarize) -> dict[str, Any]:
+def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Dice summary of episode records: overall, ``per_structure``, ``per_direction`` (1-shot) and ``slab`` (the
     same for the Dice on the structure's axial slices, see :func:`~monai_metalearn.metrics.slab_dice`)."""
+    from monai_metalearn.metrics import summarize, summarize_groups
+
     out: dict[str, Any] = {}
-    for key, prefix in (("dice", ""), ("dice_slab", "slab_")):
+    for key in ("dice", "dice_slab"):
         if not all(key in r for r in records):
             continue
-        values = [r[key] for r in records]
         per_structure: dict[str, list[float]] = defaultdict(list)
         per_direction: dict[str, list[float]] = defaultdict(list)
         for r in records:
             per_structure[str(r.get("structure"))].append(r[key])
             if len(r.get("support_subject", [])) == 1:
                 per_direction[_direction(r)].append(r[key])
-        part = summarize(values, per_class=dict(per_structure), name="dice", group_key="per_structure")
+        part = summarize([r[key] for r in records], per_class=per_structure, name="dice", group_key="per_structure")
         if per_direction:
-            part["per_direction"] = summarize([0.0], per_class=dict(per_direction), name="dice",
-                                              group_key="per_direction")["per_direction"]
-        if prefix:
+            part["per_direction"] = summarize_groups(per_direction)
+        if key == "dice_slab":
             out["slab"] = part
         else:
             out.update(part)
@@ -558,6 +552,7 @@ def segment_task(
     Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
     unreadable scan (names the task item and file), a task file with no support or no query.
     """
+    from monai.data import MetaTensor
     from monai.transforms import Invertd, SaveImaged
 
     from monai_metalearn.data import ScanLoadError
@@ -614,8 +609,6 @@ def segment_task(
             pred = logits.argmax(1).to(torch.uint8).cpu()
         else:
             pred = (logits[:, :1] > 0).to(torch.uint8)[0].cpu()
-        from monai.data import MetaTensor
-
         d["pred"] = MetaTensor(pred.reshape(image.shape), meta=dict(image.meta),
                                applied_operations=list(image.applied_operations))
         inverted = Invertd(keys="pred", transform=query_read, orig_keys="image", nearest_interp=True)(d)
@@ -626,12 +619,11 @@ def segment_task(
         used.add(name)
         meta = {**mask.meta, "filename_or_obj": f"{name}.nii.gz"}
         mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta=meta)
-        saved = saver({"pred": mask})
+        saver({"pred": mask})
         path = Path(output_dir) / f"{name}_seg.nii.gz"
         voxel_ml = float(abs(np.linalg.det(np.asarray(mask.affine)[:3, :3]))) / 1000.0
         outputs.append({"image": item["image"], "mask": str(path), "shape": list(mask.shape[1:]),
                         "foreground_ml": round(float(mask.sum()) * voxel_ml, 3)})
-        del saved
     result = {"task_file": str(task_file), "k_shot": len(task["support"]), "segmentations": outputs}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "segmentations.json").write_text(json.dumps(result, indent=2))

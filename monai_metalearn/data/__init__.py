@@ -3,6 +3,7 @@
 from monai_metalearn.data.episodes import (
     ClassificationEpisodeDataset,
     SegmentationEpisodeDataset,
+    can_draw_episode,
     episode_collate,
     episode_loader,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "STRUCTURE_NAMES",
     "ScanLoadError",
     "SegmentationEpisodeDataset",
+    "can_draw_episode",
     "Source",
     "TOTALSEG_NAMES",
     "build_structure_patches",

@@ -14,7 +14,7 @@ read, so an episode is the same tensor in any process and with any number of ``D
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from monai_metalearn.data.sampler import Episode, EpisodeSampler
 __all__ = [
     "ClassificationEpisodeDataset",
     "SegmentationEpisodeDataset",
+    "can_draw_episode",
     "episode_collate",
     "episode_loader",
 ]
@@ -62,6 +63,22 @@ def _stack(values: list, what: str) -> torch.Tensor | list:
             "the same size (e.g. RandCropStructured(spatial_size=...), Resized or RandSpatialCropd)."
         )
     return torch.stack([t.as_tensor() if hasattr(t, "as_tensor") else t for t in tensors])
+
+
+def can_draw_episode(
+    subjects: Collection[str],
+    k_shot: int,
+    q_query: int,
+    support_subjects: Collection[str] | None = None,
+    query_subjects: Collection[str] | None = None,
+) -> bool:
+    """Whether a structure present in ``subjects`` gives a segmentation episode: ``k_shot`` support and ``q_query``
+    query subjects, all distinct, the support drawn from ``support_subjects`` and the query from ``query_subjects``
+    (``None``: any subject)."""
+    have = {str(s) for s in subjects}
+    sup = have if support_subjects is None else have & {str(s) for s in support_subjects}
+    qry = have if query_subjects is None else have & {str(s) for s in query_subjects}
+    return len(sup) >= k_shot and len(qry) >= q_query and len(sup | qry) >= k_shot + q_query
 
 
 def _item_seed(seed: int, episode: int, position: int) -> int:
@@ -266,12 +283,11 @@ class SegmentationEpisodeDataset(TorchDataset):
             if missing:
                 raise ValueError(f"{side} {missing} are not subjects of the dataset; known: {sorted(subjects_seen)}.")
         need = self.k_shot + self.q_query
-        short = {}
-        for s in self.structures:
-            have = sorted(self.index[s])
-            sup, qry = self._pools(s)
-            if len(have) < need or len(sup) < self.k_shot or len(qry) < self.q_query or len(set(sup) | set(qry)) < need:
-                short[s] = have
+        short = {
+            s: sorted(self.index[s])
+            for s in self.structures
+            if not can_draw_episode(self.index[s], self.k_shot, self.q_query, self.support_subjects, self.query_subjects)
+        }
         if short:
             where = "" if self.support_subjects is None and self.query_subjects is None else (
                 f" (support from {self.support_subjects or 'any subject'}, "
