@@ -326,6 +326,30 @@ def sliding_window_inferer(patch_size: Sequence[int] = (32, 32, 32), sw_batch_si
     return ContentGuardInferer(inferer) if guard_empty else inferer
 
 
+def largest_component(pred: torch.Tensor) -> torch.Tensor:
+    """Keeps the largest connected foreground component of each binary mask ``[B, 1, *S]`` (MONAI
+    ``KeepLargestConnectedComponent``, full connectivity); an empty mask stays empty.
+
+    One structure per episode is one connected organ or nucleus: the prototype and fine-tuned models adapted on a few
+    patches scatter false positives over the rest of a whole volume, and this removes those not touching the largest
+    blob."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    keep = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=None)
+    out = pred.clone()
+    for i in range(pred.shape[0]):
+        if bool(pred[i].any()):
+            out[i] = torch.as_tensor(keep(pred[i].long().cpu())).to(pred.device, pred.dtype)
+    return out
+
+
+def mask_postprocess(keep_largest_component: bool):
+    """The evaluator's ``mask_postprocess`` from the bundle flag: :func:`largest_component` or ``None``."""
+    if not isinstance(keep_largest_component, bool):
+        fail(f"keep_largest_component must be true or false, got {keep_largest_component!r}")
+    return largest_component if keep_largest_component else None
+
+
 # ------------------------------------------------------------------------------------------------- learners
 def build_segmentation_learner(
     name: str,
@@ -399,6 +423,7 @@ def evaluate_segmentation(
     progress: bool = True,
     sw_batch_size: int = 4,
     overlap: float = 0.25,
+    keep_largest_component: bool = True,
     **extra: Any,
 ) -> dict[str, Any]:
     """Meta-test on whole query volumes; writes ``output_dir/metrics.json``.
@@ -406,7 +431,9 @@ def evaluate_segmentation(
     Each protocol is ``{"name", "structures", "support_subjects" (optional), "query_subjects" (optional)}``. For every
     protocol and K in ``shots``, ``num_episodes`` fixed episodes (structures and query subjects taken in turn) adapt on
     ``n_patches`` patches per support subject and segment one whole query volume with a sliding window. A (protocol,
-    K) whose structures have too few subjects is reported as such, not silently dropped.
+    K) whose structures have too few subjects is reported as such, not silently dropped. With
+    ``keep_largest_component`` the predicted mask is reduced to its largest connected component before scoring
+    (:func:`largest_component`); the summaries then also hold ``raw``, the Dice without it.
 
     ``metrics.json``: ``dice`` (mean, ci95, n_episodes) and ``per_structure`` of the smallest K over all protocols,
     each summary also under ``slab`` for the Dice on the structure's axial slices only (the 3D analogue of the 2D
@@ -444,6 +471,7 @@ def evaluate_segmentation(
             evaluator = MetaEvaluator(
                 device=device, val_data_loader=episode_loader(episodes), learner=learner, task="segmentation",
                 amp=amp, progress=progress, inferer=sliding_window_inferer(patch_size, sw_batch_size, overlap),
+                mask_postprocess=mask_postprocess(keep_largest_component),
                 val_handlers=[StatsHandler(iteration_log=False, name=f"evaluate_{name}_{k}shot")],
             )
             evaluator.run()
@@ -457,7 +485,8 @@ def evaluate_segmentation(
     by_shot = {str(k): _summary([r for r in records if r["k_shot"] == int(k)])
                for k in sorted({r["k_shot"] for r in records})}
     top = by_shot[min(by_shot, key=int)]
-    out = {**top, "k_shot": int(min(by_shot, key=int)), **extra, "by_shot": by_shot, "by_protocol": by_protocol,
+    out = {**top, "k_shot": int(min(by_shot, key=int)), "keep_largest_component": keep_largest_component, **extra,
+           "by_shot": by_shot, "by_protocol": by_protocol,
            "not_possible": not_possible, "test_subjects": sorted({s for r in records for s in _subjects(r)}),
            "episodes": records}
     path = Path(output_dir) / "metrics.json"
@@ -475,12 +504,13 @@ def _direction(record: Mapping[str, Any]) -> str:
 
 
 def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Dice summary of episode records: overall, ``per_structure``, ``per_direction`` (1-shot) and ``slab`` (the
-    same for the Dice on the structure's axial slices, see :func:`~monai_metalearn.metrics.slab_dice`)."""
+    """Dice summary of episode records: overall, ``per_structure``, ``per_direction`` (1-shot), ``slab`` (the
+    same for the Dice on the structure's axial slices, see :func:`~monai_metalearn.metrics.slab_dice`) and ``raw``
+    (the same before the mask post-processing, when there was one)."""
     from monai_metalearn.metrics import summarize, summarize_groups
 
     out: dict[str, Any] = {}
-    for key in ("dice", "dice_slab"):
+    for key in ("dice", "dice_slab", "dice_raw"):
         if not all(key in r for r in records):
             continue
         per_structure: dict[str, list[float]] = defaultdict(list)
@@ -492,8 +522,8 @@ def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         part = summarize([r[key] for r in records], per_class=per_structure, name="dice", group_key="per_structure")
         if per_direction:
             part["per_direction"] = summarize_groups(per_direction)
-        if key == "dice_slab":
-            out["slab"] = part
+        if key != "dice":
+            out[{"dice_slab": "slab", "dice_raw": "raw"}[key]] = part
         else:
             out.update(part)
     return out
@@ -539,13 +569,15 @@ def segment_task(
     sw_batch_size: int = 4,
     overlap: float = 0.25,
     seed: int = 0,
+    keep_largest_component: bool = True,
 ) -> dict[str, Any]:
     """Adapts ``learner`` to the task file's support scans and writes one mask per query to ``output_dir``.
 
     Support scans are read with their masks (same grid required), resampled to ``pixdim`` and cut into
     ``n_patches`` patches each around the structure and its background; the adapted model segments each whole
     query with a sliding window at ``pixdim``, and the mask is resampled back (MONAI ``Invertd``: nearest neighbour)
-    onto the query's own grid and saved (``SaveImaged``) as ``<query name>_seg.nii.gz``, with the query's affine
+    onto the query's own grid and saved (``SaveImaged``); with ``keep_largest_component`` only the mask's largest
+    connected component is kept (:func:`largest_component`, before the resampling) as ``<query name>_seg.nii.gz``, with the query's affine
     (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name).
     ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml.
 
@@ -589,6 +621,7 @@ def segment_task(
     except ValueError as err:
         fail(f"cannot adapt to the support set of {task_file}: {err}")
     inferer = sliding_window_inferer(patch_size, sw_batch_size, overlap)
+    postprocess = mask_postprocess(keep_largest_component)
     query_read = _reader(pixdim, with_label=False)
     saver = SaveImaged(keys="pred", output_dir=str(output_dir), output_postfix="seg", separate_folder=False,
                        resample=False, output_dtype=np.uint8, print_log=False)
@@ -605,10 +638,10 @@ def segment_task(
         x = scale_intensity(image.as_tensor(), modality)[None].to(device)
         with torch.no_grad():
             logits = inferer(x, predictor)
-        if logits.shape[1] > 1:
-            pred = logits.argmax(1).to(torch.uint8).cpu()
-        else:
-            pred = (logits[:, :1] > 0).to(torch.uint8)[0].cpu()
+        pred = (logits.argmax(1, keepdim=True) if logits.shape[1] > 1 else logits[:, :1] > 0).to(torch.uint8).cpu()
+        if postprocess is not None:
+            pred = postprocess(pred)
+        pred = pred[0]
         d["pred"] = MetaTensor(pred.reshape(image.shape), meta=dict(image.meta),
                                applied_operations=list(image.applied_operations))
         inverted = Invertd(keys="pred", transform=query_read, orig_keys="image", nearest_interp=True)(d)

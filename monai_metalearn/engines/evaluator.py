@@ -87,6 +87,10 @@ class MetaEvaluator(Evaluator):
         inferer: how the adapted predictor is run on the query images, ``inferer(query_x, predictor)`` (a MONAI
             ``Inferer``, e.g. ``SlidingWindowInferer(roi_size=(32, 32, 32))`` to segment whole volumes with a
             predictor adapted on patches); default ``predictor(query_x)``.
+        mask_postprocess: segmentation only: applied to the binary query prediction ``[B, 1, *S]`` before it is
+            scored, e.g. ``KeepLargestConnectedComponent`` per sample
+            (:func:`~monai_metalearn.apps.segmentation.largest_component`); the record then also holds ``dice_raw``,
+            the Dice before it.
 
     ``engine.state.episode_records`` holds one dict per episode: its value, ``structure`` (segmentation) and the
     support / query subjects when the episode names them; for segmentation also ``dice_slab`` (Dice on the slices of
@@ -126,6 +130,7 @@ class MetaEvaluator(Evaluator):
         amp_kwargs: dict | None = None,
         progress: bool = False,
         inferer: Callable | None = None,
+        mask_postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if task not in ("classification", "segmentation"):
             raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}.")
@@ -157,6 +162,7 @@ class MetaEvaluator(Evaluator):
         )
         self.learner = learner
         self.inferer = inferer
+        self.mask_postprocess = mask_postprocess
         self.task = task
         self.value_key = _value_key(task)
         self.learner_mode = mode
@@ -274,10 +280,13 @@ class MetaEvaluator(Evaluator):
             else:
                 pred = logits.argmax(1, keepdim=True)
                 loss = float(F.cross_entropy(logits, target[:, 0]))
+            if self.mask_postprocess is not None:
+                extra["dice_raw"] = float(binary_dice(pred, target))
+                pred = self.mask_postprocess(pred).to(target.dtype)
             value = float(binary_dice(pred, target))
             self._group_values[str(episode.get("structure", "structure"))].append(value)
-            extra = {"dice_slab": float(slab_dice(pred, target)), "pred_voxels": int(pred.sum()),
-                     "true_voxels": int(target.sum())}
+            extra.update({"dice_slab": float(slab_dice(pred, target)), "pred_voxels": int(pred.sum()),
+                          "true_voxels": int(target.sum())})
         self.state.episode_values.append(value)
         record: dict[str, Any] = {self.value_key: value, **extra}
         for key in ("episode", "structure", "support_subject", "query_subject"):

@@ -133,6 +133,25 @@ def test_windows_without_content_are_background():
     assert bool(guarded[:, :32].all()) and not bool(guarded[:, 32:].any())
 
 
+def test_largest_component_keeps_the_biggest_blob_of_each_sample():
+    pred = torch.zeros(3, 1, 12, 12, 12, dtype=torch.uint8)
+    pred[0, 0, 1:5, 1:5, 1:5] = 1  # 64 voxels
+    pred[0, 0, 8:10, 8:10, 8:10] = 1  # 8 voxels, apart: removed
+    pred[1, 0, 8:10, 8:10, 8:10] = 1  # the only blob of sample 1: kept although smaller than sample 0's
+    pred[1, 0, 10, 10, 10] = 1  # touches it diagonally (full connectivity): kept
+    kept = seg.largest_component(pred)
+    assert kept.dtype == pred.dtype and kept.shape == pred.shape
+    assert int(kept[0].sum()) == 64 and not bool(kept[0, 0, 8:, 8:, 8:].any())
+    assert int(kept[1].sum()) == 9
+    assert not bool(kept[2].any())  # empty stays empty
+
+
+def test_mask_postprocess_flag():
+    assert seg.mask_postprocess(True) is seg.largest_component and seg.mask_postprocess(False) is None
+    with pytest.raises(SystemExit, match="keep_largest_component must be true or false, got 'false'"):
+        seg.mask_postprocess("false")
+
+
 def test_intensity_scaling_by_modality(subjects):
     ct = torch.tensor([[-1000.0, -250.0, 50.0, 350.0, 2000.0]])
     assert seg.scale_intensity(ct, "CT")[0].tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])

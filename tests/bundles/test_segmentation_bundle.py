@@ -27,7 +27,7 @@ TS = "totalsegmentator"
 SMALL = [
     "--patch_size", "[16,16,16]", "--channels", "[4,8,8,8]", "--feature_channels", "4",
     "--n_patches", "2", "--eval_patches", "2", "--episodes_per_epoch", "2", "--meta_batch_size", "1",
-    "--val_episodes", "2", "--progress", "False",
+    "--val_episodes", "2", "--val_interval", "1", "--progress", "False",
 ]
 TEST_STRUCTURES = {"liver", "spleen", "stomach", "pancreas", "thalamus_left", "thalamus_right", "putamen_left",
                    "putamen_right", "hippocampus_left", "hippocampus_right"}

@@ -123,6 +123,33 @@ def test_segmentation_dice_per_structure():
     assert evaluator.state.output[0]["dice"] == 0.5
 
 
+def test_segmentation_mask_postprocess_is_scored_and_raw_dice_kept():
+    """The prediction is the organ plus a stray voxel far from it: post-processing that removes the stray voxel
+    scores 1.0, and the record keeps the Dice before it."""
+    mask = torch.zeros(1, 1, 6, 6, 6)
+    mask[0, 0, :2, :2, :2] = 1  # 8 voxels
+    image = mask.clone()
+    image[0, 0, 5, 5, 5] = 1  # stray voxel: raw Dice 16 / 17
+    episode = {"support_image": mask, "support_label": mask, "query_image": image, "query_label": mask,
+               "structure": "liver", "episode": 0}
+
+    def drop_stray(pred):
+        out = pred.clone()
+        out[..., 5, 5, 5] = 0
+        return out
+
+    evaluator = MetaEvaluator("cpu", [episode], ThresholdSegLearner(0.5), task="segmentation",
+                              mask_postprocess=drop_stray)
+    evaluator.run()
+    record = evaluator.state.episode_records[0]
+    assert record["dice"] == pytest.approx(1.0) and record["dice_raw"] == pytest.approx(16 / 17)
+    assert record["pred_voxels"] == 8
+    plain = MetaEvaluator("cpu", [episode], ThresholdSegLearner(0.5), task="segmentation")
+    plain.run()
+    assert plain.state.episode_records[0]["dice"] == pytest.approx(16 / 17)
+    assert "dice_raw" not in plain.state.episode_records[0]
+
+
 def test_maml_adapts_with_gradients_and_leaves_weights_unchanged():
     torch.manual_seed(0)
     learner = TinyMAML()
