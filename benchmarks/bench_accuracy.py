@@ -44,10 +44,6 @@ LEARNERS = ("finetune", "protonet", "maml", "fomaml", "anil", "metasgd", "reptil
 MARKER = "accuracy"
 
 
-
-
-
-
 def run_learner(name: str, work: Path, test_episodes: int, threads: int, reuse: bool = False) -> dict:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +104,6 @@ def _config() -> dict:
     keys = ("train_classes", "val_classes", "test_classes", "sources", "pixdim", "spatial_size", "n_views", "epochs",
             "episodes_per_epoch", "meta_batch_size", "n_way", "k_shot", "features", "learner_defaults")
     return {k: cfg[k] for k in keys} | {"q_query": cfg["test_q_query"]}
-
-
 
 
 def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:

@@ -54,12 +54,6 @@ MARKER = "dice"
 ALPNET_ANCHOR = 73.0
 
 
-
-
-
-
-
-
 _ADAPT_SCRIPT = r"""
 import json, resource, sys, time, torch
 from monai.bundle import ConfigParser

@@ -510,7 +510,7 @@ def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     from monai_metalearn.metrics import summarize, summarize_groups
 
     out: dict[str, Any] = {}
-    for key in ("dice", "dice_slab", "dice_raw"):
+    for key, part_name in (("dice", None), ("dice_slab", "slab"), ("dice_raw", "raw")):
         if not all(key in r for r in records):
             continue
         per_structure: dict[str, list[float]] = defaultdict(list)
@@ -522,10 +522,10 @@ def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         part = summarize([r[key] for r in records], per_class=per_structure, name="dice", group_key="per_structure")
         if per_direction:
             part["per_direction"] = summarize_groups(per_direction)
-        if key != "dice":
-            out[{"dice_slab": "slab", "dice_raw": "raw"}[key]] = part
-        else:
+        if part_name is None:
             out.update(part)
+        else:
+            out[part_name] = part
     return out
 
 
@@ -575,10 +575,10 @@ def segment_task(
 
     Support scans are read with their masks (same grid required), resampled to ``pixdim`` and cut into
     ``n_patches`` patches each around the structure and its background; the adapted model segments each whole
-    query with a sliding window at ``pixdim``, and the mask is resampled back (MONAI ``Invertd``: nearest neighbour)
-    onto the query's own grid and saved (``SaveImaged``); with ``keep_largest_component`` only the mask's largest
-    connected component is kept (:func:`largest_component`, before the resampling) as ``<query name>_seg.nii.gz``, with the query's affine
-    (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name).
+    query with a sliding window at ``pixdim`` (with ``keep_largest_component``, only the mask's largest connected
+    component is kept: :func:`largest_component`), and the mask is resampled back (MONAI ``Invertd``: nearest
+    neighbour) onto the query's own grid and saved (``SaveImaged``) as ``<query name>_seg.nii.gz``, with the query's
+    affine (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name).
     ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml.
 
     Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
