@@ -163,8 +163,6 @@ def run_variant(name: str, work: Path, threads: int, reuse: bool) -> dict:
     out, cache = work / name, work.parent / "segmentation" / "cache"
     out.mkdir(parents=True, exist_ok=True)
     args = VARIANTS[name][1]
-    env_path = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
-    os.environ["PYTHONPATH"] = env_path  # the bundle run imports _seg_ablation_helpers
     train_s = 0.0
     if name == "untrained":
         if not (reuse and (out / "model.pt").is_file()):
@@ -269,6 +267,8 @@ def main() -> None:
     if not os.environ.get("MONAI_DATA_DIRECTORY"):
         raise SystemExit("set MONAI_DATA_DIRECTORY to the data folder (the Makefile's default is ../shared/data)")
     work = Path(args.work)
+    # the bundle runs import _seg_ablation_helpers from this folder
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
     # read (or build) the subjects cache once, before parallel runs would each build it
     proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(BUNDLE), str(work.parent / "segmentation" / "cache"),
                            ",".join(CONTRAST_STRUCTURES)], check=True, cwd=BUNDLE, capture_output=True, text=True)
