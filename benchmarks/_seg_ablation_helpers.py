@@ -12,6 +12,9 @@ through ``--imports``. Experiment code: none of it changed the CT Dice, so none 
   each CT is cut into SLIC supervoxels (scikit-image) inside the body, every supervoxel is a pseudo-structure, and
   support and query are two differently augmented views of the same scan (use with
   :func:`intensity_augmented_patches`). No label of any structure is used, unless ``include_labelled``.
+* :func:`same_subject_dataset`: meta-train episodes also for the structures labelled in one CT only
+  (:data:`CT1_ONLY_STRUCTURES`: kidneys, gallbladder, bowel, bladder, pelvic muscles and bones), support and query
+  patches from that scan.
 """
 
 from __future__ import annotations
@@ -108,3 +111,26 @@ def supervoxel_structures(dataset: Dataset, labelled: Sequence[str] = ()) -> lis
     """The pseudo-structures of :func:`supervoxel_dataset`, then ``labelled``."""
     names = [n for item in dataset.data if item.get("pseudo") for n in item["structures"]]
     return list(dict.fromkeys(names)) + list(labelled)
+
+
+#: Structures labelled in CT-1 only (TotalSegmentator's map of CT-1 covers the pelvis, CT-2's 20 slices do not):
+#: organs, muscles and bones that no cross-subject episode can use. None is a validation or test structure.
+CT1_ONLY_STRUCTURES = (
+    "adrenal_gland_left", "duodenum", "femur_left", "femur_right", "gallbladder", "gluteus_maximus_left",
+    "gluteus_maximus_right", "gluteus_medius_left", "gluteus_medius_right", "gluteus_minimus_left",
+    "gluteus_minimus_right", "hip_left", "hip_right", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left",
+    "iliac_vena_right", "iliopsoas_left", "iliopsoas_right", "kidney_left", "kidney_right", "lung_lower_lobe_left",
+    "lung_lower_lobe_right", "lung_upper_lobe_left", "prostate", "sacrum", "small_bowel", "urinary_bladder",
+    "vertebrae_L1", "vertebrae_L2", "vertebrae_L3", "vertebrae_L4", "vertebrae_L5", "vertebrae_S1",
+)
+
+
+def same_subject_dataset(subjects: list[dict], structures: Sequence[str] = CT1_ONLY_STRUCTURES):
+    """The bundle's base dataset plus a second view (``<subject>_view``) of every subject holding one of
+    ``structures``, restricted to those: episodes of these structures take support and query patches from the same
+    scan (different patches; different intensity remaps with :func:`intensity_augmented_patches`)."""
+    wanted = set(structures)
+    views = [{**s, "subject": f"{s['subject']}_view", "structures": {k: v for k, v in s["structures"].items()
+                                                                    if k in wanted}}
+             for s in subjects if wanted & set(s["structures"])]
+    return Dataset(list(subjects) + views, transform=app.subject_transforms())

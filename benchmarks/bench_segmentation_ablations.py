@@ -41,8 +41,11 @@ from _common import (  # noqa: E402
 ROOT = BENCH_DIR.parent
 BUNDLE = ROOT / "bundles" / "fewshot_segmentation_3d"
 MARKER = "seg_ablations"
-_IMPORTS = ("['$import os','$import torch','$import monai_metalearn','$import monai_metalearn.apps.segmentation as app',"
-            "'$import _seg_ablation_helpers as ablate']")
+_IMPORTS = ("['$import os','$import torch','$import monai_metalearn',"
+            "'$import monai_metalearn.apps.segmentation as app','$import _seg_ablation_helpers as ablate']")
+#: the subjects with the structures labelled in CT-1 only as well (their own cache file)
+_SUBJECTS = ["--subjects", "$app.load_segmentation_subjects(@data_dir, @sources, @train_structures + @val_structures "
+             "+ @test_structures + list(ablate.CT1_ONLY_STRUCTURES), @pixdim, @progress, @cache_dir)"]
 _AUGMENT = ["--train#episodes#episode_transform", "$ablate.intensity_augmented_patches(@patch_size, @n_patches)"]
 
 #: name -> (what it changes, train.json overrides). ``untrained`` has no training run.
@@ -67,6 +70,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                            "$ablate.supervoxel_dataset(@subjects, include_labelled=True)",
                            "--train#episodes#structures",
                            "$ablate.supervoxel_structures(@train#episodes#data, @train_structures)"]),
+    "same_subject_organs": ("+ 34 structures labelled in CT-1 only (kidneys, gallbladder, bowel, bladder, muscles, "
+                            "bones ...), support and query patches from that one scan",
+                            ["--imports", _IMPORTS, *_SUBJECTS, "--train#episodes#data",
+                             "$ablate.same_subject_dataset(@subjects)", "--train#episodes#structures",
+                             "$@train_structures + list(ablate.CT1_ONLY_STRUCTURES)"]),
+    "same_subject_organs_aug": ("same_subject_organs + intensity_aug",
+                                ["--imports", _IMPORTS, *_SUBJECTS, *_AUGMENT, "--train#episodes#data",
+                                 "$ablate.same_subject_dataset(@subjects)", "--train#episodes#structures",
+                                 "$@train_structures + list(ablate.CT1_ONLY_STRUCTURES)"]),
 }
 
 _INIT_SCRIPT = r"""
@@ -270,8 +282,9 @@ def main() -> None:
     # the bundle runs import _seg_ablation_helpers from this folder
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
     # read (or build) the subjects cache once, before parallel runs would each build it
-    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(BUNDLE), str(work.parent / "segmentation" / "cache"),
-                           ",".join(CONTRAST_STRUCTURES)], check=True, cwd=BUNDLE, capture_output=True, text=True)
+    cache = work.parent / "segmentation" / "cache"
+    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(BUNDLE), str(cache), ",".join(CONTRAST_STRUCTURES)],
+                          check=True, cwd=BUNDLE, capture_output=True, text=True)
     reference = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         runs = list(pool.map(lambda n: run_variant(n, work, args.threads, args.reuse), names))
