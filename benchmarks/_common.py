@@ -165,3 +165,13 @@ def trained(out: Path) -> bool:
     """Whether ``out`` holds a finished ``train.json`` run (its final checkpoint and a completed log)."""
     log = out / "train.log"
     return (out / "model.pt").is_file() and log.is_file() and "Train completed" in log.read_text()
+
+
+def dice_cell(d: dict | None, show_n: bool = True, min_n_for_ci: int = 0) -> str:
+    """A summary ``{"mean", "ci95", "n_episodes" | "n"}`` as ``"mean ± ci (n)"`` in %; no CI when it is missing or
+    the count is below ``min_n_for_ci``; ``"n/a"`` for ``None``."""
+    if d is None:
+        return "n/a"
+    ci, n = d.get("ci95"), d.get("n_episodes", d.get("n"))
+    cell = f"{100 * d['mean']:.1f}" + (f" ± {100 * ci:.1f}" if ci is not None and n >= min_n_for_ci else "")
+    return f"{cell} ({n})" if show_n else cell

@@ -28,9 +28,20 @@ from monai.data import Dataset
 from monai.transforms import Compose, MapTransform, RandAdjustContrastd, RandHistogramShiftd, Randomizable
 
 import monai_metalearn.apps.segmentation as app
+from monai_metalearn.transforms import resolve_structure, structure_mask
 
-#: Scaled intensity above which a CT voxel is inside the body (the CT window's floor is -250 HU -> 0).
+#: Scaled intensity above which a CT voxel is inside the body (the CT window's floor, -250 HU, is 0: -238 HU).
 BODY_THRESHOLD = 0.02
+
+
+def body_mask(image: torch.Tensor) -> torch.Tensor:
+    """Voxels of a scaled CT ``image`` (any shape) above :data:`BODY_THRESHOLD`."""
+    return image > BODY_THRESHOLD
+
+
+def organ_mask(subject: dict, name: str) -> torch.Tensor:
+    """Boolean mask of structure ``name`` in a subject of ``load_segmentation_subjects`` (shape of its label)."""
+    return structure_mask(subject["label"], resolve_structure(name, subject["structures"])[1], repr(name))
 
 
 def intensity_augmentation(prob: float = 0.8):
@@ -61,11 +72,9 @@ class RandStructureShiftd(Randomizable, MapTransform):
         d = dict(data)
         if d.get("image") is None or self.R.rand() > self.prob:
             return d
-        image, label = torch.as_tensor(d["image"]).clone(), torch.as_tensor(d["label"])
-        for name, sid in d["structures"].items():
-            if name in self.structures:
-                ids = torch.tensor(list(sid) if isinstance(sid, (list, tuple)) else [sid], dtype=label.dtype)
-                image[torch.isin(label, ids)] += float(self.R.uniform(-self.max_shift, self.max_shift))
+        image = torch.as_tensor(d["image"]).clone()
+        for name in self.structures.intersection(d["structures"]):
+            image[organ_mask(d, name)] += float(self.R.uniform(-self.max_shift, self.max_shift))
         d["image"] = image.clamp_(0.0, 1.0)
         return d
 
@@ -82,7 +91,7 @@ def supervoxels(image: torch.Tensor, n_segments: int = 200, compactness: float =
     from skimage.segmentation import slic
 
     x = image[0].numpy().astype(np.float64)
-    sv = slic(x, n_segments=n_segments, compactness=compactness, channel_axis=None, mask=x > BODY_THRESHOLD,
+    sv = slic(x, n_segments=n_segments, compactness=compactness, channel_axis=None, mask=body_mask(x),
               start_label=1, enforce_connectivity=True)
     ids, counts = np.unique(sv[sv > 0], return_counts=True)
     keep = ids[counts >= min_size]

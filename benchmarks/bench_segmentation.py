@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BENCH_DIR,
     RESULTS_DIR,
+    dice_cell,
     log_seconds,
     machine_info,
     median,
@@ -201,12 +202,7 @@ def _cell(metrics: dict, protocol: str, k: str, direction: str | None = None, pa
         entry = entry.get(part)
     if entry is None:
         return "n/a"
-    d = entry["dice"] if direction is None else entry.get("per_direction", {}).get(direction)
-    if d is None:
-        return "n/a"
-    ci = d.get("ci95")
-    n = d.get("n_episodes", d.get("n"))
-    return f"{100 * d['mean']:.1f} ± {100 * ci:.1f} ({n})" if ci is not None else f"{100 * d['mean']:.1f} ({n})"
+    return dice_cell(entry["dice"] if direction is None else entry.get("per_direction", {}).get(direction))
 
 
 def table(results: dict) -> str:
@@ -240,20 +236,13 @@ def table(results: dict) -> str:
         cells = []
         for r in results["runs"]:
             d = r["metrics"]["by_shot"].get("1", {}).get("per_structure", {}).get(s)
-            if d is None:
-                cells.append("n/a")
-            else:
-                ci = d.get("ci95")
-                n = d.get("n", d.get("n_episodes"))
-                # a t-interval over 2 episodes (t = 12.7) says only that 2 episodes are too few: no CI below 3
-                cells.append(f"{100 * d['mean']:.1f} ± {100 * ci:.1f} ({n})" if ci is not None and n >= 3
-                             else f"{100 * d['mean']:.1f} ({n})")
+            # a t-interval over 2 episodes (t = 12.7) says only that 2 episodes are too few: no CI below 3
+            cells.append(dice_cell(d, min_n_for_ci=3))
         rows.append(f"| {s} | " + " | ".join(cells) + " |")
     rows.append("")
-    notes = [f"{name}: {' '.join(args)} for training" for name, args in TRAIN_ARGS.items()
-             if name in {r["learner"] for r in results["runs"]}]
-    notes += [f"{name}: {' '.join(args)} in evaluation" for name, args in EVAL_ARGS.items()
-              if name in {r["learner"] for r in results["runs"]}]
+    measured = {r["learner"] for r in results["runs"]}
+    notes = [f"{name}: {' '.join(args)} for training" for name, args in TRAIN_ARGS.items() if name in measured]
+    notes += [f"{name}: {' '.join(args)} in evaluation" for name, args in EVAL_ARGS.items() if name in measured]
     if notes:
         rows.append("Per-learner overrides of the bundle defaults (see `TRAIN_ARGS` / `EVAL_ARGS` in "
                     f"`bench_segmentation.py`): {'; '.join(notes)}.")

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BENCH_DIR,
     RESULTS_DIR,
+    dice_cell,
     log_seconds,
     machine_info,
     run_bundle,
@@ -97,6 +98,7 @@ torch.save({"learner": parser.get_parsed_content("learner").state_dict()}, sys.a
 _CACHE_SCRIPT = r"""
 import json, sys, torch
 from monai.bundle import ConfigParser
+from _seg_ablation_helpers import body_mask, organ_mask
 from monai_metalearn.apps.segmentation import CT_WINDOW, largest_component
 from monai_metalearn.metrics import binary_dice
 parser = ConfigParser()
@@ -108,12 +110,12 @@ for s in parser.get_parsed_content("subjects"):
     if s.get("modality") != "CT":
         continue
     contrast[s["subject"]] = {
-        name: float(s["image"][s["label"] == s["structures"][name]].median()) * (hi - lo) + lo
+        name: float(s["image"][organ_mask(s, name)].median()) * (hi - lo) + lo
         for name in sys.argv[3].split(",") if name in s["structures"]
     }
-    body = largest_component((s["image"] > 0.02)[None].float())
+    body = largest_component(body_mask(s["image"])[None].float())
     whole_body[s["subject"]] = {
-        organ: float(binary_dice(body, (s["label"] == s["structures"][organ])[None].float()))
+        organ: float(binary_dice(body, organ_mask(s, organ)[None].float()))
         for organ in parser.get_parsed_content("test_ct_structures") if organ in s["structures"]
     }
 print("RESULT " + json.dumps({"contrast_hu": contrast, "whole_body_dice": whole_body}))
@@ -127,6 +129,7 @@ import json, sys, torch, torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 import monai_metalearn.apps.segmentation as app
+from _seg_ablation_helpers import body_mask, organ_mask
 bundle, ckpt, cache, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 p = ConfigParser(); p.read_config(f"{bundle}/configs/train.json")
 p["bundle_root"], p["cache_dir"], p["progress"] = bundle, cache, False
@@ -143,14 +146,14 @@ with torch.no_grad():
         for a, b in (("totalseg_ct1", "totalseg_ct2"), ("totalseg_ct2", "totalseg_ct1")):
             sa, sb = subjects[a], subjects[b]
             support_patches.set_random_state(0)
-            patches = support_patches({"image": sa["image"], "label": (sa["label"] == sa["structures"][organ]).float()})
+            patches = support_patches({"image": sa["image"], "label": organ_mask(sa, organ).float()})
             sx = torch.stack([q["image"] for q in patches]); sy = torch.stack([q["label"] for q in patches]) > 0
             fs = F.normalize(learner.embed(sx), dim=1).movedim(1, -1)
             fg = F.normalize(fs[sy[:, 0]].mean(0), dim=0)
             fq = F.normalize(window(sb["image"][None].float(), learner.embed)[0], dim=0)
             score = torch.einsum("f...,f->...", fq, fg).reshape(-1)
-            truth = (sb["label"][0] == sb["structures"][organ]).reshape(-1)
-            body = (sb["image"][0] > 0.02).reshape(-1) | truth
+            truth = organ_mask(sb, organ)[0].reshape(-1)
+            body = body_mask(sb["image"][0]).reshape(-1) | truth
             s, t = score[body], truth[body]
             ranks = torch.empty_like(s); ranks[s.argsort()] = torch.arange(1, len(s) + 1, dtype=s.dtype)
             n1, n0 = int(t.sum()), int((~t).sum())
@@ -171,8 +174,8 @@ def _auc(out: Path, cache: Path, args: list[str], threads: int) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_variant(name: str, work: Path, threads: int, reuse: bool) -> dict:
-    out, cache = work / name, work.parent / "segmentation" / "cache"
+def run_variant(name: str, work: Path, cache: Path, threads: int, reuse: bool) -> dict:
+    out = work / name
     out.mkdir(parents=True, exist_ok=True)
     args = VARIANTS[name][1]
     train_s = 0.0
@@ -206,10 +209,7 @@ def _dice(metrics: dict, protocol: str, structure: str | None = None) -> str:
     if entry is None:
         return "n/a"
     d = entry["dice"] if structure is None else entry.get("per_structure", {}).get(structure)
-    if d is None:
-        return "n/a"
-    ci, n = d.get("ci95"), d.get("n_episodes", d.get("n"))
-    return f"{100 * d['mean']:.1f} ± {100 * ci:.1f}" if ci is not None and n >= 3 else f"{100 * d['mean']:.1f}"
+    return dice_cell(d, show_n=False, min_n_for_ci=3)
 
 
 def table(results: dict) -> str:
@@ -287,7 +287,7 @@ def main() -> None:
                           check=True, cwd=BUNDLE, capture_output=True, text=True)
     reference = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        runs = list(pool.map(lambda n: run_variant(n, work, args.threads, args.reuse), names))
+        runs = list(pool.map(lambda n: run_variant(n, work, cache, args.threads, args.reuse), names))
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs,
                "threads": args.threads, **reference, "runs": runs}
     write_json(out_json, results)
