@@ -1,24 +1,25 @@
-"""Few-shot segmentation Dice of every learner on held-out structures, through the segmentation bundle.
+"""Few-shot segmentation Dice of every learner on the multi-subject protocols, through the segmentation bundle.
 
 Each learner is meta-trained with the bundle's default ``train.json`` (``python -m monai.bundle run``, exactly what a
-user runs) and evaluated with ``evaluate.json``: whole query volumes segmented with a sliding window after adapting
-on patches of the support scans, in two protocols:
+user runs) once per cross-validation fold (``--fold 0`` and ``--fold 1``: BTCV and LPBA40 subjects split in two, a
+fold's test subjects never trained on) and evaluated with ``evaluate.json --protocol all`` on that fold:
 
-* ``ct_cross_subject``: held-out abdominal organs (liver, spleen, stomach, pancreas), support from one real CT and
-  query the other (CT-1 -> CT-2 and CT-2 -> CT-1), 1-shot (only 2 CT subjects carry these organs);
-* ``brain_labelmaps_to_t1``: held-out brain structures, support images SYNTHESIZED from the real SynthSeg label maps,
-  query the real T1 MRI, 1-shot and 5-shot.
+* ``abdominal_ct`` / ``abdominal_mr`` / ``abdominal_ct_to_mr``: liver, spleen, kidneys, 1-shot, support and query
+  from different subjects (BTCV CT of the test fold; CHAOS MR, never trained on; BTCV support -> CHAOS query);
+* ``heart``: ACDC end-diastole, RV / myocardium / LV, never trained on;
+* ``brain``: LPBA40 deep grey matter of the test fold.
 
-Then, per learner, the adaptation cost on one fixed 1-shot CT episode: time (median of repeats) and the peak memory
-added by adaptation (CPU: growth of the process's maximum resident set, measured in a fresh process; CUDA: peak
-allocated). Writes ``results/segmentation.json`` and the tables in ``benchmarks/README.md`` and
-``bundles/fewshot_segmentation_3d/docs/README.md``.
+The trivial references (``wholebody``: the query's body; ``boxaligned``: the support mask placed by aligning the two
+bodies' bounding boxes) run the same episodes. Folds are merged (:func:`~monai_metalearn.apps.segmentation.
+merge_fold_metrics`): every figure is the mean over query subjects with its 95% CI over subjects and the number of
+subjects behind it. Writes ``results/segmentation.json`` and the tables in ``benchmarks/README.md`` and
+``bundles/fewshot_segmentation_3d/docs/README.md``. ``--cost_only`` measures the adaptation time and memory.
 
 Usage::
 
-    python benchmarks/bench_segmentation.py                          # all learners, bundle defaults
-    python benchmarks/bench_segmentation.py --learners protoseg,maml --jobs 1 --reuse
-    python benchmarks/bench_segmentation.py --collect                # tables from the learners finished in --work
+    python benchmarks/bench_segmentation.py                                  # every learner, both folds, setting 2
+    python benchmarks/bench_segmentation.py --learners protoseg,boxaligned --setting 1 --reuse
+    python benchmarks/bench_segmentation.py --collect                        # tables from the finished runs
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ from _common import (  # noqa: E402
 ROOT = BENCH_DIR.parent
 BUNDLE = ROOT / "bundles" / "fewshot_segmentation_3d"
 DOCS = BUNDLE / "docs" / "README.md"
-LEARNERS = ("protoseg", "finetune", "scratch", "maml", "fomaml", "anil", "reptile")
+LEARNERS = ("wholebody", "boxaligned", "protoseg", "finetune", "scratch", "maml", "fomaml", "anil", "reptile")
+#: Learners with nothing to meta-train: evaluated without a checkpoint.
+UNTRAINED = ("wholebody", "boxaligned")
+FOLDS = (0, 1)
+PROTOCOL_COLUMNS = (("abdominal_ct", "BTCV CT"), ("abdominal_mr", "CHAOS MR"), ("abdominal_ct_to_mr", "CT → MR"),
+                    ("heart", "ACDC heart"), ("brain", "LPBA40 brain"))
+#: SSL-ALPNet (Ouyang et al., ECCV 2020), 1-way 1-shot, liver / spleen / kidneys, 2D, mean Dice (%).
+ALPNET = {1: {"abdominal_ct": 73.4, "abdominal_mr": 78.8}, 2: {"abdominal_ct": 63.0, "abdominal_mr": 73.0}}
 MARKER = "dice"
-#: SSL-ALPNet (Ouyang et al., ECCV 2020), 1-shot abdominal CT organs, 2D, mean Dice (%) of its setting.
-ALPNET_ANCHOR = 73.0
 
 
 _ADAPT_SCRIPT = r"""
@@ -69,14 +75,16 @@ from monai_metalearn.apps import segmentation as seg
 from monai_metalearn.data import SegmentationEpisodeDataset
 from monai_metalearn.engines import default_prepare_episode
 learner = parser.get_parsed_content("learner")
-seg.load_learner(learner, ckpt, "cpu" if not torch.cuda.is_available() else "cuda")
-device = next(learner.parameters()).device
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+learner = seg.load_learner(learner, ckpt, device)
 dataset = parser.get_parsed_content("dataset")
 patch, n = parser["patch_size"], parser["eval_patches"]
-episodes = SegmentationEpisodeDataset(dataset, ["liver"], 1, 1, 1, support_transform=seg.patch_transforms(patch, n),
-                                      query_transform=seg.volume_transforms(), query_subjects=["totalseg_ct2"])
-sx, sy, qx, qy = default_prepare_episode(episodes[0], device)
-inferer = seg.sliding_window_inferer(patch)
+whole = bool(getattr(learner, "whole_volume", False))
+episodes = SegmentationEpisodeDataset(dataset, ["liver"], 1, 1, 1, support_transform=seg.volume_transforms() if whole
+                                      else seg.patch_transforms(patch, n), query_transform=seg.volume_transforms(),
+                                      support_subjects=["btcv_sabs_00"], query_subjects=["btcv_sabs_02"], stack=not whole)
+sx, sy, qx, qy = (seg.volume_prepare_episode if whole else default_prepare_episode)(episodes[0], device)
+inferer = (lambda x, p: p(x)) if whole else seg.sliding_window_inferer(patch)
 learner.eval()
 base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if device.type == "cuda":
@@ -96,7 +104,7 @@ for _ in range(repeats):
     if device.type == "cuda":
         torch.cuda.synchronize()
     infer.append(time.perf_counter() - t)
-out = {"adapt_seconds": adapt, "segment_seconds": infer, "support_patches": int(sx.shape[0]),
+out = {"adapt_seconds": adapt, "segment_seconds": infer, "support_patches": 0 if whole else int(sx.shape[0]),
        "query_shape": list(qx.shape[2:]), "device": device.type,
        "peak_rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024}
 if device.type == "cuda":
@@ -106,7 +114,7 @@ print("RESULT " + json.dumps(out))
 
 
 def adaptation_cost(name: str, out: Path, cache: Path, threads: int, repeats: int = 3) -> dict:
-    """Adaptation time and memory of a trained learner on one fixed 1-shot CT episode (liver, CT-1 -> CT-2)."""
+    """Adaptation time and memory of a trained learner on one fixed 1-shot CT episode (liver, BTCV 00 -> 02)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", _ADAPT_SCRIPT, str(BUNDLE), str(out / "model.pt"), str(repeats), name,
                            str(cache)], cwd=BUNDLE, env=env, capture_output=True, text=True)
@@ -147,7 +155,7 @@ def cost_table(work: Path, learners: list[str], threads: int) -> dict:
 
 
 def cost_markdown(results: dict) -> str:
-    rows = ["| learner | adapt s (median of 3) | segment CT-2 s | peak memory growth MiB | support patches |",
+    rows = ["| learner | adapt s (median of 3) | segment query s | peak memory growth MiB | support patches |",
             "|---|---:|---:|---:|---:|"]
     for r in results["runs"]:
         c = r["cost"]
@@ -155,7 +163,8 @@ def cost_markdown(results: dict) -> str:
                     f"| {c['peak_rss_growth_mib']:.0f} | {c['support_patches']} |")
     rows.append("")
     rows.append(
-        f"One 1-shot episode (liver, support CT-1, query the whole CT-2 at 3 mm), bundle defaults, initial weights "
+        f"One 1-shot episode (liver, support BTCV subject 00, query the whole BTCV subject 02 at 3 mm), bundle "
+        f"defaults, initial weights "
         f"(the cost does not depend on them), each learner in a fresh process, {results['threads']} torch thread(s), "
         f"{results['machine'].get('cpu_count')} CPU cores, {results['date']}; device: {results['runs'][0]['cost']['device']}. "
         "Memory: growth of the process's maximum resident set during adaptation and segmentation. No GPU was lent to "
@@ -165,111 +174,122 @@ def cost_markdown(results: dict) -> str:
 
 
 #: Extra ``train.json`` overrides per learner. The from-scratch baseline has nothing to meta-train (its meta-steps are
-#: no-ops), so one epoch, without validation, only writes the checkpoint that evaluate.json loads.
-TRAIN_ARGS = {"scratch": ["--epochs", "1"]}
-#: Extra ``evaluate.json`` overrides per learner. The from-scratch baseline fine-tunes a fresh UNet for 60 steps on
-#: every support set: about 3 minutes per 5-shot brain episode (40 patches) on one core, so the benchmark measures it
-#: 1-shot only (the issue's benchmark is 1-shot); ``evaluate.json`` itself still runs both.
-EVAL_ARGS = {"scratch": ["--test_shots", "[1]"]}
+#: no-ops), so one epoch only writes the checkpoint that evaluate.json loads. The second-order and Reptile learners
+#: cost 3-5x protoseg's time per meta-step on the CPU: half the epochs keep a fold's training near 15 minutes.
+TRAIN_ARGS = {"scratch": ["--epochs", "1"], "maml": ["--epochs", "4"], "reptile": ["--epochs", "4"],
+              "finetune": ["--epochs", "4"], "fomaml": ["--epochs", "4"]}
+#: Extra ``evaluate.json`` overrides per learner: the learners that fine-tune on every support set (tens of seconds
+#: per episode on one core) run the first 12 episodes of each protocol and fold (balanced: every structure, 3 query
+#: subjects each), the others every episode.
+SLOW = ("finetune", "scratch", "maml", "fomaml", "anil", "reptile")
+EVAL_ARGS = {name: ["--test_episodes", "12"] for name in SLOW}
 
 
-def run_learner(name: str, work: Path, threads: int, reuse: bool, test_episodes: int | None) -> dict:
-    out = work / name
+def run_fold(name: str, fold: int, setting: int, work: Path, threads: int, reuse: bool) -> dict:
+    out = work / f"setting{setting}" / name / f"fold{fold}"
     out.mkdir(parents=True, exist_ok=True)
-    if reuse and trained(out):
-        train_s = log_seconds(out / "train.log")
-        print(f"{name}: reusing the checkpoint trained earlier ({train_s:.0f} s)", flush=True)
-    else:
-        train_s = run_bundle(BUNDLE, ["train.json"], out, work / "cache", threads, "--learner_name", name,
-                             *TRAIN_ARGS.get(name, []))
-    extra = [] if test_episodes is None else ["--test_episodes", str(test_episodes)]
+    common = ["--learner_name", name, "--fold", str(fold), "--setting", str(setting)]
+    train_s = 0.0
+    if name not in UNTRAINED:
+        if reuse and trained(out):
+            train_s = log_seconds(out / "train.log")
+        else:
+            train_s = run_bundle(BUNDLE, ["train.json"], out, work / "cache", threads, *common,
+                                 *TRAIN_ARGS.get(name, []))
     if not (reuse and (out / "metrics.json").is_file()):
-        run_bundle(BUNDLE, ["train.json", "evaluate.json"], out, work / "cache", threads, "--learner_name", name, *extra,
-                   *EVAL_ARGS.get(name, []))
-    cost = adaptation_cost(name, out, work / "cache", threads)
-    (out / "cost.json").write_text(json.dumps(cost, indent=2))
-    metrics = json.loads((out / "metrics.json").read_text())
-    print(f"{name}: CT 1-shot Dice {_cell(metrics, 'ct_cross_subject', '1')}, "
-          f"brain->T1 1-shot {_cell(metrics, 'brain_labelmaps_to_t1', '1')} (train {train_s:.0f} s)", flush=True)
-    return {"learner": name, "train_seconds": round(train_s, 1),
-            "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1), "metrics": metrics, "cost": cost}
+        run_bundle(BUNDLE, ["train.json", "evaluate.json"], out, work / "cache", threads, *common,
+                   "--protocol", "all", *EVAL_ARGS.get(name, []))
+    print(f"{name} setting {setting} fold {fold}: done (train {train_s:.0f} s, evaluate "
+          f"{log_seconds(out / 'evaluate.log'):.0f} s)", flush=True)
+    return {"fold": fold, "train_seconds": round(train_s, 1), "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1),
+            "metrics": json.loads((out / "metrics.json").read_text())}
 
 
-def _cell(metrics: dict, protocol: str, k: str, direction: str | None = None, part: str | None = None) -> str:
-    """``part``: None (the Dice), ``"slab"`` (structure slices only) or ``"raw"`` (before mask post-processing)."""
-    entry = metrics.get("by_protocol", {}).get(protocol, {}).get(k)
-    if entry is not None and part:
-        entry = entry.get(part)
+def summarize_learner(name: str, setting: int, folds: list[dict], cost: dict | None) -> dict:
+    from monai_metalearn.apps.segmentation import merge_fold_metrics
+
+    merged = merge_fold_metrics([f["metrics"] for f in folds])
+    return {"learner": name, "setting": setting, "folds": [f["fold"] for f in folds],
+            "train_seconds": [f["train_seconds"] for f in folds], "evaluate_seconds": [f["evaluate_seconds"] for f in folds],
+            "merged": merged, "cost": cost or {},
+            "eval_overrides": EVAL_ARGS.get(name, []), "train_overrides": TRAIN_ARGS.get(name, [])}
+
+
+def _subject_cell(entry: dict | None, part: str | None = None) -> str:
+    """``mean ± CI over subjects [subjects]`` in % from a summary (``None``: n/a)."""
     if entry is None:
         return "n/a"
-    return dice_cell(entry["dice"] if direction is None else entry.get("per_direction", {}).get(direction))
+    if part:
+        entry = entry.get(part)
+        if entry is None:
+            return "n/a"
+    sub = entry["dice"]["subjects"]
+    ci = sub.get("ci95")
+    return f"{100 * sub['mean']:.1f}" + (f" ± {100 * ci:.1f}" if ci is not None else "") + f" [{sub['n_subjects']}]"
+
+
+def _entry(run: dict, protocol: str, k: str = "1") -> dict | None:
+    return run["merged"]["by_protocol"].get(protocol, {}).get(k)
 
 
 def table(results: dict) -> str:
-    ct12, ct21 = "totalseg_ct1 -> totalseg_ct2", "totalseg_ct2 -> totalseg_ct1"
-    rows = ["| learner | CT-1 → CT-2 | CT-2 → CT-1 | CT 1-shot (all) | CT 1-shot, organ slices "
-            "| CT 1-shot, all components | label maps → T1, 1-shot | label maps → T1, 5-shot "
-            "| T1 1-shot, structure slices | adapt s (CPU) | adapt peak MiB | train s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results["runs"]:
-        m, c = r["metrics"], r.get("cost", {})
-        rows.append(
-            f"| {r['learner']} | {_cell(m, 'ct_cross_subject', '1', ct12)} | {_cell(m, 'ct_cross_subject', '1', ct21)} "
-            f"| {_cell(m, 'ct_cross_subject', '1')} | {_cell(m, 'ct_cross_subject', '1', part='slab')} "
-            f"| {_cell(m, 'ct_cross_subject', '1', part='raw')} | {_cell(m, 'brain_labelmaps_to_t1', '1')} "
-            f"| {_cell(m, 'brain_labelmaps_to_t1', '5')} "
-            f"| {_cell(m, 'brain_labelmaps_to_t1', '1', part='slab')} | {c.get('adapt_median_s', float('nan')):.1f} "
-            f"| {c.get('peak_rss_growth_mib', float('nan')):.0f} | {r['train_seconds']:.0f} |"
-        )
+    runs = results["runs"]
+    cols = " | ".join(label for _, label in PROTOCOL_COLUMNS)
+    rows = [f"| learner | setting | {cols} | episodes | train s / fold |",
+            "|---|---:|" + "---:|" * len(PROTOCOL_COLUMNS) + "---:|---:|"]
+    for r in runs:
+        cells = " | ".join(_subject_cell(_entry(r, p)) for p, _ in PROTOCOL_COLUMNS)
+        train = "—" if r["learner"] in UNTRAINED else " / ".join(f"{t:.0f}" for t in r["train_seconds"])
+        rows.append(f"| {r['learner']} | {r['setting']} | {cells} | {r['merged']['n_episodes']} | {train} |")
+    for setting, anchor in ALPNET.items():
+        cells = " | ".join(f"{anchor[p]:.1f} (2D)" if p in anchor else "" for p, _ in PROTOCOL_COLUMNS)
+        rows.append(f"| SSL-ALPNet, published | {setting} | {cells} | | |")
     rows.append("")
-    rows.append("Per structure (1-shot Dice %, mean ± 95% CI over episodes, episode count in brackets; no CI below 3 "
-                "episodes):")
+    rows.append("Per structure, 1-shot Dice % (mean ± 95% CI over query subjects [subjects]):")
     rows.append("")
-    structures: list[str] = []
-    for r in results["runs"]:
-        for s in r["metrics"]["by_shot"].get("1", {}).get("per_structure", {}):
-            if s not in structures:
-                structures.append(s)
-    rows.append("| structure | " + " | ".join(r["learner"] for r in results["runs"]) + " |")
-    rows.append("|---|" + "---:|" * len(results["runs"]))
-    for s in structures:
+    structures: list[tuple[str, str]] = []
+    for r in runs:
+        for p, _ in PROTOCOL_COLUMNS:
+            for s in (_entry(r, p) or {}).get("per_structure", {}):
+                if (p, s) not in structures:
+                    structures.append((p, s))
+    rows.append("| protocol | structure | " + " | ".join(f"{r['learner']} ({r['setting']})" for r in runs) + " |")
+    rows.append("|---|---|" + "---:|" * len(runs))
+    for p, s in structures:
         cells = []
-        for r in results["runs"]:
-            d = r["metrics"]["by_shot"].get("1", {}).get("per_structure", {}).get(s)
-            # a t-interval over 2 episodes (t = 12.7) says only that 2 episodes are too few: no CI below 3
-            cells.append(dice_cell(d, min_n_for_ci=3))
-        rows.append(f"| {s} | " + " | ".join(cells) + " |")
+        for r in runs:
+            d = (_entry(r, p) or {}).get("per_structure", {}).get(s)
+            if d is None:
+                cells.append("n/a")
+                continue
+            sub = d["subjects"]
+            ci = sub.get("ci95")
+            cells.append(f"{100 * sub['mean']:.1f}" + (f" ± {100 * ci:.1f}" if ci is not None else "")
+                         + f" [{sub['n_subjects']}]")
+        rows.append(f"| {p} | {s} | " + " | ".join(cells) + " |")
     rows.append("")
-    measured = {r["learner"] for r in results["runs"]}
-    notes = [f"{name}: {' '.join(args)} for training" for name, args in TRAIN_ARGS.items() if name in measured]
-    notes += [f"{name}: {' '.join(args)} in evaluation" for name, args in EVAL_ARGS.items() if name in measured]
+    notes = [f"{r['learner']}: {' '.join(r['train_overrides'])} (training), {' '.join(r['eval_overrides'])} "
+             "(evaluation)" for r in runs if r["train_overrides"] or r["eval_overrides"]]
     if notes:
-        rows.append("Per-learner overrides of the bundle defaults (see `TRAIN_ARGS` / `EVAL_ARGS` in "
-                    f"`bench_segmentation.py`): {'; '.join(notes)}.")
-        rows.append("")
-    if results.get("not_measured"):
-        rows.append(f"Not measured in this run (CPU time): {', '.join(results['not_measured'])}.")
+        rows.append("Per-learner overrides of the bundle defaults (`TRAIN_ARGS` / `EVAL_ARGS` in "
+                    f"`bench_segmentation.py`): {'; '.join(dict.fromkeys(notes))}.")
         rows.append("")
     cfg = results["config"]
     rows.append(
-        "Dice % of whole query volumes (sliding window at the training patch size, 3 mm), mean ± 95% t-interval over "
-        "episodes (episode count in brackets); the 'slices' columns score only the axial slices that hold the "
-        "structure (the 3D analogue of the 2D protocol behind the SSL-ALPNet figure; n/a where not recorded). Every "
-        "predicted mask is reduced to its largest connected component (`keep_largest_component`, the default); "
-        "'all components' is the CT Dice without that step (n/a for runs without it). CT: held-out organs "
-        f"({', '.join(cfg['test_ct_structures'])}) of 2 real subjects (TotalSegmentator CT-1 and CT-2; their label "
-        "maps are TotalSegmentator outputs, not manual labels; CT-2 is a 20-slice slab, so its organs are partial). "
-        f"Brain: held-out structures ({', '.join(cfg['test_brain_structures'])}); support images are SYNTHETIC, drawn "
-        "from the 20 real SynthSeg label maps, the query is the real voxelmorph T1. Meta-training: "
-        f"{len(cfg['train_structures'])} structures of real CT, the real T1 and SYNTHETIC images of the SynthSeg maps; "
-        f"bundle defaults ({cfg['epochs']} x {cfg['episodes_per_epoch']} meta-batches of {cfg['meta_batch_size']} "
-        f"episodes, {cfg['n_patches']} patches of {cfg['patch_size']} per subject). Adaptation cost: one 1-shot "
-        f"episode (liver, CT-1 -> CT-2, {cfg['eval_patches']} support patches), median of 3; peak MiB = growth of the "
-        f"process's maximum resident memory during adaptation and segmentation. Measured {results['date']} on "
-        f"{results['machine'].get('cpu_count')} CPU cores ({results['jobs']} runs in parallel, {results['threads']} "
-        f"thread(s) each). Anchor: SSL-ALPNet reports about {ALPNET_ANCHOR:.0f} mean Dice on abdominal CT organs, "
-        "1-shot, in 2D with many more training subjects; with 2 subjects the CIs measure episode-to-episode spread, "
-        "not population uncertainty."
+        "Dice % of whole query volumes, 1-way 1-shot, support and query from different subjects; mean over query "
+        "subjects (each subject's episodes averaged first) ± 95% t-interval over subjects, the number of distinct "
+        "query subjects in brackets; two-fold cross-validation over the BTCV and LPBA40 subjects (a fold's test "
+        "subjects are never its training subjects; CHAOS and ACDC are never trained on, so both folds' models "
+        "segment them and their subjects' episodes are averaged). Learned methods: meta-trained on "
+        f"{len(cfg['train_structures'])} structures (the other BTCV organs and LPBA40 gyri of the fold's training "
+        f"subjects), {cfg['epochs']} x {cfg['episodes_per_epoch']} meta-batches of {cfg['meta_batch_size']} "
+        f"episodes, {cfg['n_patches']} patches of {cfg['patch_size']} per subject, 3 mm (LPBA40 1.5 mm, ACDC "
+        "1.5 x 1.5 x 3 mm); setting 2 ignores the test organs' voxels in training scans, setting 1 leaves them as "
+        "background. Every predicted mask is reduced to its largest connected component. SSL-ALPNet's published "
+        "figures are 2D (slices holding the organ, 2D Dice), trained on the other BTCV / CHAOS subjects with "
+        "supervoxel self-supervision and an ImageNet-pretrained ResNet-101: they are beside the table for scale, "
+        f"not on the same protocol. Measured {results['date']} on {results['machine'].get('cpu_count')} CPU cores "
+        f"({results['jobs']} runs in parallel, {results['threads']} thread(s) each)."
     )
     return "\n".join(rows)
 
@@ -277,26 +297,33 @@ def table(results: dict) -> str:
 def _config() -> dict:
     cfg = json.loads((BUNDLE / "configs" / "train.json").read_text())
     cfg.update(json.loads((BUNDLE / "configs" / "evaluate.json").read_text()))
-    keys = ("train_structures", "val_structures", "test_ct_structures", "test_brain_structures", "sources", "pixdim",
-            "patch_size", "n_patches", "eval_patches", "epochs", "episodes_per_epoch", "meta_batch_size", "channels",
-            "feature_channels", "learner_defaults", "test_shots", "test_episodes")
+    keys = ("train_structures", "val_structures", "test_ct_structures", "test_brain_structures",
+            "test_heart_structures", "sources", "pixdim", "source_pixdim", "folds", "patch_size", "n_patches",
+            "eval_patches", "epochs", "episodes_per_epoch", "meta_batch_size", "channels", "feature_channels",
+            "learner_defaults", "test_shots", "test_episodes")
     return {k: cfg[k] for k in keys}
 
 
-def collect(work: Path, learners: list[str], args: argparse.Namespace) -> dict:
-    runs = []
-    for name in learners:
-        out = work / name
-        if not (out / "metrics.json").is_file():
-            print(f"{name}: not finished, left out")
-            continue
-        cost = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
-        runs.append({"learner": name, "train_seconds": round(log_seconds(out / "train.log"), 1),
-                     "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1),
-                     "metrics": json.loads((out / "metrics.json").read_text()), "cost": cost})
+def collect(work: Path, learners: list[str], settings: list[int], args: argparse.Namespace) -> dict:
+    runs, missing = [], []
+    for setting in settings:
+        for name in learners:
+            folds = []
+            for fold in FOLDS:
+                out = work / f"setting{setting}" / name / f"fold{fold}"
+                if (out / "metrics.json").is_file():
+                    folds.append({"fold": fold, "train_seconds": round(log_seconds(out / "train.log"), 1)
+                                  if (out / "train.log").is_file() else 0.0,
+                                  "evaluate_seconds": round(log_seconds(out / "evaluate.log"), 1),
+                                  "metrics": json.loads((out / "metrics.json").read_text())})
+            if len(folds) < len(FOLDS):
+                missing.append(f"{name} (setting {setting}): {len(folds)} of {len(FOLDS)} folds")
+            if folds:
+                cost_file = work / "cost" / f"{name}.json"
+                cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
+                runs.append(summarize_learner(name, setting, folds, cost))
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs, "threads": args.threads,
-            "config": _config(), "runs": runs,
-            "not_measured": [n for n in learners if n not in {r["learner"] for r in runs}]}
+            "config": _config(), "runs": runs, "incomplete": missing}
 
 
 def main() -> None:
@@ -304,7 +331,9 @@ def main() -> None:
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--jobs", type=int, default=1, help="learners trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    parser.add_argument("--test_episodes", type=int, default=None, help="default: evaluate.json's")
+    parser.add_argument("--settings", default="2", help="comma-separated: 1, 2 or 1,2")
+    parser.add_argument("--folds", default=",".join(map(str, FOLDS)),
+                        help="comma-separated folds to run (the table marks learners with fewer folds)")
     parser.add_argument("--work", default=str(BENCH_DIR / "_work" / "segmentation"))
     parser.add_argument("--reuse", action="store_true", help="skip what --work already holds for a learner")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the README tables")
@@ -325,22 +354,30 @@ def main() -> None:
         return
     out_json = RESULTS_DIR / "segmentation.json"
     learners = [n.strip() for n in args.learners.split(",") if n.strip()]
+    settings = [int(v) for v in args.settings.split(",") if v.strip()]
     if args.from_json:
         results = json.loads(out_json.read_text())
     elif args.collect:
-        results = collect(Path(args.work), learners, args)
+        results = collect(Path(args.work), learners, settings, args)
         write_json(out_json, results)
     else:
         if not os.environ.get("MONAI_DATA_DIRECTORY"):
             raise SystemExit("set MONAI_DATA_DIRECTORY")
         work = Path(args.work)
-        runs = []
+        folds = [int(v) for v in args.folds.split(",") if v.strip()]
+        jobs = [(n, f, s) for s in settings for n in learners for f in folds]
         if not any((work / "cache").glob("subjects_*.pt")):  # the first run builds the subject cache alone
-            runs.append(run_learner(learners.pop(0), work, args.threads, args.reuse, args.test_episodes))
+            run_fold(*jobs.pop(0), work, args.threads, args.reuse)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            runs += pool.map(lambda n: run_learner(n, work, args.threads, args.reuse, args.test_episodes), learners)
-        results = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "jobs": args.jobs,
-                   "threads": args.threads, "config": _config(), "runs": runs}
+            list(pool.map(lambda j: run_fold(*j, work, args.threads, args.reuse), jobs))
+        if not (work / "cost").is_dir():
+            (work / "cost").mkdir(parents=True)
+        for name in learners:
+            out = work / f"setting{settings[0]}" / name / "fold0"
+            cost_file = work / "cost" / f"{name}.json"
+            if not (args.reuse and cost_file.is_file()):
+                cost_file.write_text(json.dumps(adaptation_cost(name, out, work / "cache", args.threads), indent=2))
+        results = collect(work, learners, settings, args)
         write_json(out_json, results)
     md = table(results)
     update_readme_table(MARKER, md)

@@ -1,6 +1,9 @@
 """Episode-level metrics for few-shot evaluation: mean and 95% confidence interval over episodes, Dice, ignite metrics.
 
-Few-shot results are reported as the mean over test episodes with a 95% confidence interval of that mean.
+Few-shot results are reported as the mean over test episodes with a 95% confidence interval of that mean, and,
+because episodes drawn from a few scans are not independent, also over subjects: :func:`mean_ci95_subjects`
+averages the episodes of each query subject first and gives the interval of the mean over those subject means (the
+figure that says how a new subject would fare), with the number of subjects behind it.
 :func:`mean_ci95` uses the Student t quantile for fewer than 30 episodes (where ``1.96`` would understate the
 interval noticeably) and the normal quantile ``1.96`` from 30 episodes on, which is the convention of the few-shot
 literature (``1.96 * std / sqrt(n)`` over 600 or more episodes). In both cases ``std`` is the sample standard
@@ -22,6 +25,7 @@ __all__ = [
     "Z_95",
     "T_SWITCH_N",
     "mean_ci95",
+    "mean_ci95_subjects",
     "binary_dice",
     "slab_dice",
     "summarize",
@@ -81,6 +85,39 @@ def mean_ci95(values: Iterable[float] | torch.Tensor, method: str = "auto") -> t
     use_t = method == "t" or (method == "auto" and n < T_SWITCH_N)
     q = _t_quantile_975(n - 1) if use_t else Z_95
     return mean, q * std / math.sqrt(n)
+
+
+def mean_ci95_subjects(
+    values: Iterable[float] | torch.Tensor, subjects: Sequence[Any], method: str = "auto"
+) -> dict[str, Any]:
+    """Mean over subjects and its 95% interval: each subject's values are averaged first.
+
+    Args:
+        values: one value per episode (or per query).
+        subjects: the query subject of each value (same length).
+        method: see :func:`mean_ci95`, applied to the subject means.
+
+    Returns:
+        ``{"mean", "ci95", "n_subjects"}``: mean of the subject means, half width of its 95% interval (``None`` for
+        one subject), number of distinct subjects.
+
+    Raises:
+        ValueError: when ``values`` and ``subjects`` differ in length.
+
+    Example::
+
+        mean_ci95_subjects([0.8, 0.6, 0.9], ["a", "a", "b"])  # {"mean": 0.8, "ci95": ..., "n_subjects": 2}
+    """
+    xs = _as_floats(values)
+    subjects = [str(s) for s in subjects]
+    if len(xs) != len(subjects):
+        raise ValueError(f"{len(xs)} values but {len(subjects)} subjects.")
+    per: dict[str, list[float]] = {}
+    for x, sub in zip(xs, subjects):
+        per.setdefault(sub, []).append(x)
+    means = [math.fsum(v) / len(v) for _, v in sorted(per.items())]
+    mean, ci = mean_ci95(means, method=method)
+    return {"mean": _finite_or_none(mean), "ci95": _finite_or_none(ci), "n_subjects": len(means)}
 
 
 def binary_dice(

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Randomizable
 
+from monai_metalearn.transforms.intensity import CT_WINDOW, scale_intensity
+
 from monai_metalearn.apps.classification import (
     _patch_key,
     cached,
@@ -38,7 +40,6 @@ from monai_metalearn.apps.classification import (
     check_checkpoint,
     check_class_splits,
     fail,
-    load_learner,
     read_task_file,
 )
 
@@ -46,6 +47,8 @@ __all__ = [
     "CT_WINDOW",
     "scale_intensity",
     "guess_modality",
+    "item_intensity",
+    "volume_prepare_episode",
     "SynthesizeMissingImaged",
     "check_cli_overrides",
     "check_checkpoint",
@@ -53,6 +56,9 @@ __all__ = [
     "fail",
     "load_learner",
     "load_segmentation_subjects",
+    "fold_train_subjects",
+    "segmentation_protocols",
+    "check_trainable",
     "subject_transforms",
     "patch_transforms",
     "volume_transforms",
@@ -63,30 +69,10 @@ __all__ = [
     "evaluate_segmentation",
     "load_segmentation_task",
     "segment_task",
+    "merge_fold_metrics",
 ]
 
 logger = logging.getLogger("monai_metalearn")
-
-#: CT intensities are clipped to this window (HU) and scaled to [0, 1]: soft-tissue organs keep their contrast.
-CT_WINDOW = (-250.0, 350.0)
-
-
-def scale_intensity(image: torch.Tensor, modality: str | None) -> torch.Tensor:
-    """``image`` scaled to ``[0, 1]``: CT through :data:`CT_WINDOW`, anything else through its 0.5 and 99.5
-    percentiles (computed on the non-zero voxels when the background is exactly zero, e.g. skull-stripped MRI)."""
-    x = image.float()
-    if str(modality).upper() == "CT":
-        lo, hi = CT_WINDOW
-    else:
-        flat = x.reshape(-1)
-        nonzero = flat[flat != 0]
-        ref = nonzero if nonzero.numel() > 0.05 * flat.numel() else flat
-        if ref.numel() > 2_000_000:  # quantile on a subsample: same figure, a fraction of the time
-            ref = ref[torch.randperm(ref.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-        lo, hi = (float(v) for v in torch.quantile(ref, torch.tensor([0.005, 0.995])))
-    if hi <= lo:
-        return torch.zeros_like(x)
-    return ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
 def _reason(err: BaseException) -> str:
@@ -98,8 +84,19 @@ def _reason(err: BaseException) -> str:
 
 
 def guess_modality(image: torch.Tensor) -> str:
-    """``"CT"`` when the image holds Hounsfield-like air (minimum below -500), else ``"MR"``."""
+    """``"CT"`` when the image holds Hounsfield-like air (minimum below -500), else ``"MR"``. Only a guess of the
+    modality: intensity scaling follows :func:`~monai_metalearn.transforms.infer_intensity`, which never applies the
+    HU window to a scan without Hounsfield air, whatever its modality."""
     return "CT" if float(image.min()) < -500 else "MR"
+
+
+def item_intensity(item: Mapping[str, Any], image: torch.Tensor) -> str:
+    """The intensity kind of a datalist or task item: its ``intensity`` if declared, else inferred from its
+    ``modality`` and the image values (:func:`~monai_metalearn.transforms.infer_intensity`)."""
+    from monai_metalearn.transforms import check_intensity_kind, infer_intensity
+
+    kind = item.get("intensity")
+    return check_intensity_kind(kind) if kind else infer_intensity(image, item.get("modality"))
 
 
 class SynthesizeMissingImaged(Randomizable, MapTransform):
@@ -140,8 +137,14 @@ def load_segmentation_subjects(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     min_voxels: int = 8,
+    source_pixdim: Mapping[str, Sequence[float]] | None = None,
+    source_options: Mapping[str, Mapping[str, Any]] | None = None,
+    subjects: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Whole subjects of several real sources, resampled and intensity-scaled once, for segmentation episodes.
+
+    Intensities are scaled by each item's declared kind (``item["intensity"]``: the HU window for ``ct_hu`` only;
+    windowed CT and MRI through their own percentiles, see :func:`~monai_metalearn.transforms.scale_intensity`).
 
     Args:
         data_dir: the folder holding the sources (``MONAI_DATA_DIRECTORY``).
@@ -153,6 +156,10 @@ def load_segmentation_subjects(
             structures and ``pixdim``).
         min_voxels: a structure with fewer voxels in a subject after resampling is dropped from that subject (and
             logged: e.g. an organ that only grazes CT-2's 20-slice slab).
+        source_pixdim: spacing per source overriding ``pixdim`` (e.g. ``{"lpba40": [1.5, 1.5, 1.5]}``).
+        source_options: keyword arguments of :func:`~monai_metalearn.data.load_datalist` per source (e.g.
+            ``{"acdc": {"phases": ["ED"]}}``).
+        subjects: keep only these subject ids (``None``: all).
 
     Returns:
         list of dicts: ``image`` (float ``[1, D, H, W]`` in ``[0, 1]``; absent for label-only subjects), ``label``
@@ -168,18 +175,30 @@ def load_segmentation_subjects(
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}")
-    datalist = [item for name in sources for item in load_datalist(name, data_dir)]
+    options = {k: dict(v) for k, v in (source_options or {}).items()}
+    datalist = []
+    for name in sources:
+        try:
+            datalist += load_datalist(name, data_dir, **options.get(name, {}))
+        except (FileNotFoundError, ValueError, TypeError) as err:
+            fail(f"source {name!r}: {err}")
+    if subjects is not None:
+        keep = {str(s) for s in subjects}
+        datalist = [item for item in datalist if str(item.get("subject")) in keep]
     known = set().union(*(item.get("structures", {}) for item in datalist)) if datalist else set()
     missing = [s for s in structures if s not in known]
     if missing:
         fail(f"structures {missing} are in none of the sources {list(sources)}")
+    spacing = {name: (list(source_pixdim[name]) if source_pixdim and name in source_pixdim else pixdim)
+               for name in sources}
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"subjects_{_patch_key(datalist, structures, pixdim, 0)}.pt"
-    return cached(cache_file, lambda: _read_subjects(datalist, structures, pixdim, progress, min_voxels))
+        key = _patch_key(datalist, structures, [pixdim, sorted((source_pixdim or {}).items())], 0)
+        cache_file = Path(cache_dir) / f"subjects_{key}.pt"
+    return cached(cache_file, lambda: _read_subjects(datalist, structures, spacing, progress, min_voxels))
 
 
-def _read_subjects(datalist, structures, pixdim, progress, min_voxels) -> list[dict[str, Any]]:
+def _read_subjects(datalist, structures, spacing, progress, min_voxels) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from monai_metalearn.data import ScanLoadError, scan_reader
@@ -191,6 +210,7 @@ def _read_subjects(datalist, structures, pixdim, progress, min_voxels) -> list[d
         if not present:
             continue
         keys = [k for k in ("image", "label") if item.get(k) is not None]
+        pixdim = spacing.get(item.get("source"))
         try:
             loaded = scan_reader(keys, pixdim)({k: item[k] for k in keys})
         except (ScanLoadError, RuntimeError) as err:
@@ -213,11 +233,49 @@ def _read_subjects(datalist, structures, pixdim, progress, min_voxels) -> list[d
             "source": item.get("source"),
             "synthetic": bool(item.get("synthetic", False)),
             "dropped": dropped,
+            "pixdim": None if pixdim is None else [float(p) for p in pixdim],
         }
         if "image" in loaded:
-            entry["image"] = scale_intensity(loaded["image"].as_tensor(), item.get("modality"))
+            image = loaded["image"].as_tensor()
+            entry["intensity"] = item_intensity(item, image)
+            entry["image"] = scale_intensity(image, entry["intensity"])
         out.append(entry)
     return out
+
+
+def fold_train_subjects(
+    subjects: Sequence[Mapping[str, Any]],
+    folds: Mapping[str, Sequence[Sequence[str]]],
+    fold: int,
+    train_sources: Sequence[str],
+) -> list[str]:
+    """The meta-training subjects of fold ``fold``: every loaded subject of ``train_sources`` that is not a test
+    subject of that fold (:func:`~monai_metalearn.apps.protocols.fold_split`). One-line error for bad folds or a
+    training source with no subject."""
+    from monai_metalearn.apps.protocols import ProtocolError, fold_split
+
+    by_source: dict[str, list[str]] = {str(src): [] for src in train_sources}
+    for item in subjects:
+        if str(item.get("source")) in by_source:
+            by_source[str(item["source"])].append(str(item["subject"]))
+    empty = [src for src, subs in by_source.items() if not subs]
+    if empty:
+        fail(f"train_sources {empty} have no loaded subject: add them to sources")
+    try:
+        return fold_split(folds, fold, by_source)["train"]
+    except ProtocolError as err:
+        fail(str(err))
+
+
+def segmentation_protocols(protocol: Any, subjects: Sequence[Mapping[str, Any]], folds: Mapping[str, Any],
+                           fold: int, episodes_per_query: int = 1, k_shot: int = 1) -> list[dict[str, Any]]:
+    """:func:`monai_metalearn.apps.protocols.segmentation_protocols`, with a one-line error for a bad protocol."""
+    from monai_metalearn.apps import protocols
+
+    try:
+        return protocols.segmentation_protocols(protocol, subjects, folds, fold, episodes_per_query, k_shot)
+    except protocols.ProtocolError as err:
+        fail(str(err))
 
 
 def subject_transforms():
@@ -229,7 +287,10 @@ def subject_transforms():
 class _PosNegPatchesd(Randomizable, MapTransform):
     """``RandCropByPosNegLabeld`` with a fixed split: ``n_pos`` patches centred on the structure, then ``n_neg`` on
     its background, so that a support set always holds structure voxels (a random pos/neg draw for every patch
-    gives all-background supports, e.g. 1 in 16 with 4 patches, which stops prototype / fine-tuning adaptation)."""
+    gives all-background supports, e.g. 1 in 16 with 4 patches, which stops prototype / fine-tuning adaptation).
+
+    Patch centres are drawn from the voxels equal to 1 (structure) and equal to 0 (background): voxels marked
+    ``IGNORE_LABEL`` (-1, e.g. held-out test organs in setting 2) centre no patch."""
 
     def __init__(self, patch_size: Sequence[int], n_pos: int, n_neg: int) -> None:
         from monai.transforms import RandCropByPosNegLabeld
@@ -237,7 +298,8 @@ class _PosNegPatchesd(Randomizable, MapTransform):
         MapTransform.__init__(self, ["image", "label"])
         self.crops = [
             RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=tuple(patch_size),
-                                   pos=p, neg=1 - p, num_samples=n, allow_smaller=True)
+                                   pos=p, neg=1 - p, num_samples=n, allow_smaller=True,
+                                   fg_indices_key="_fg_indices", bg_indices_key="_bg_indices")
             for p, n in ((1, n_pos), (0, n_neg)) if n > 0
         ]
 
@@ -251,7 +313,15 @@ class _PosNegPatchesd(Randomizable, MapTransform):
         pass
 
     def __call__(self, data: Mapping) -> list[dict]:
-        return [sample for crop in self.crops for sample in crop(data)]
+        d = dict(data)
+        flat = torch.as_tensor(d["label"]).reshape(-1)
+        d["_fg_indices"] = torch.nonzero(flat > 0).reshape(-1)
+        d["_bg_indices"] = torch.nonzero(flat == 0).reshape(-1)
+        samples = [sample for crop in self.crops for sample in crop(d)]
+        for sample in samples:
+            sample.pop("_fg_indices", None)
+            sample.pop("_bg_indices", None)
+        return samples
 
 
 def patch_transforms(
@@ -366,6 +436,7 @@ def build_segmentation_learner(
     from monai_metalearn.learners import ANIL, FOMAML, MAML, Reptile, learner_key
     from monai_metalearn.learners.segmentation import (
         SEGMENTATION_LEARNERS,
+        VOLUME_LEARNERS,
         PrototypeSegmenter,
         SegmentationFineTune,
         create_segmentation_learner,
@@ -376,7 +447,7 @@ def build_segmentation_learner(
         fail(f"unknown learner_name {name!r}; choose one of {sorted(SEGMENTATION_LEARNERS)}")
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
     classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "reptile": Reptile, "protoseg": PrototypeSegmenter,
-               "finetune": SegmentationFineTune, "scratch": SegmentationFineTune}
+               "finetune": SegmentationFineTune, "scratch": SegmentationFineTune, **VOLUME_LEARNERS}
     accepted = set(inspect.signature(classes[key].__init__).parameters) - {
         "self", "model", "encoder", "feature_channels", "n_base_structures", "pretrained"}
     unknown = sorted(set(kwargs) - accepted)
@@ -389,6 +460,25 @@ def build_segmentation_learner(
         fail(f"learner {key!r}: {err}")
 
 
+def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Loads ``train.json``'s checkpoint into ``learner`` (see
+    :func:`~monai_metalearn.apps.classification.load_learner`); learners with nothing to meta-train (``trainable =
+    False``: the references, the registration-based atlases) need no checkpoint and are only moved to ``device``."""
+    from monai_metalearn.apps.classification import load_learner as load_checkpoint
+
+    if not getattr(learner, "trainable", True):
+        return learner.to(device)
+    return load_checkpoint(learner, ckpt_path, device)
+
+
+def check_trainable(learner: torch.nn.Module, name: str) -> torch.nn.Module:
+    """``learner`` if it has something to meta-train, else a one-line error: run evaluate.json / inference.json."""
+    if not getattr(learner, "trainable", True):
+        fail(f"learner {name!r} has nothing to meta-train: run configs/evaluate.json or configs/inference.json "
+             "directly (no checkpoint needed)")
+    return learner
+
+
 def prepare_segmentation_episode_for(name: str, train_structures: Sequence[str]):
     """The trainer's ``prepare_episode``: masks carrying global structure ids for the pre-trained fine-tuning
     baseline, binary masks otherwise."""
@@ -397,6 +487,21 @@ def prepare_segmentation_episode_for(name: str, train_structures: Sequence[str])
     from monai_metalearn.learners.segmentation import SegmentationGlobalLabels
 
     return SegmentationGlobalLabels(train_structures) if learner_key(name) == "finetune" else default_prepare_episode
+
+
+def volume_prepare_episode(episode: Mapping[str, Any], device: Any = None, non_blocking: bool = False, **kwargs):
+    """``prepare_episode`` of whole-volume learners: support scans stay a list of ``[1, *S]`` volumes (K scans of
+    different sizes), the query is stacked (one volume: ``[1, 1, *S]``)."""
+
+    def plain(v: Any) -> torch.Tensor:
+        v = v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)
+        return v.to(device=device, non_blocking=non_blocking)
+
+    sx = [plain(v) for v in episode["support_image"]]
+    sy = [plain(v) for v in episode["support_label"]]
+    qx = torch.stack([plain(v) for v in episode["query_image"]])
+    qy = torch.stack([plain(v) for v in episode["query_label"]])
+    return sx, sy, qx, qy
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -413,7 +518,7 @@ def evaluate_segmentation(
     dataset: Any,
     protocols: Sequence[Mapping[str, Any]],
     shots: Sequence[int],
-    num_episodes: int,
+    num_episodes: int | None,
     device: str | torch.device,
     output_dir: str,
     patch_size: Sequence[int] = (32, 32, 32),
@@ -428,10 +533,13 @@ def evaluate_segmentation(
 ) -> dict[str, Any]:
     """Meta-test on whole query volumes; writes ``output_dir/metrics.json``.
 
-    Each protocol is ``{"name", "structures", "support_subjects" (optional), "query_subjects" (optional)}``. For every
-    protocol and K in ``shots``, ``num_episodes`` fixed episodes (structures and query subjects taken in turn) adapt on
-    ``n_patches`` patches per support subject and segment one whole query volume with a sliding window. A (protocol,
-    K) whose structures have too few subjects is reported as such, not silently dropped. With
+    Each protocol is ``{"name", "structures", "support_subjects" (optional), "query_subjects" (optional),
+    "num_episodes" (optional)}`` (see :func:`~monai_metalearn.apps.protocols.segmentation_protocols`). For every
+    protocol and K in ``shots``, ``num_episodes`` fixed episodes (the argument when given, e.g. a cap for slow
+    learners, else the protocol's own; structures and query subjects taken in turn) adapt on ``n_patches`` patches per support subject and segment one whole query volume
+    with a sliding window. Learners with ``whole_volume = True`` (references, registration-based atlases) get the
+    whole support scans instead of patches and segment the whole query directly. A (protocol, K) whose structures
+    have too few subjects is reported as such, not silently dropped. With
     ``keep_largest_component`` the predicted mask is reduced to its largest connected component before scoring
     (:func:`largest_component`); the summaries then also hold ``raw``, the Dice without it.
 
@@ -444,7 +552,7 @@ def evaluate_segmentation(
     from monai.handlers import StatsHandler
 
     from monai_metalearn.data import SegmentationEpisodeDataset, can_draw_episode, episode_loader
-    from monai_metalearn.engines import MetaEvaluator
+    from monai_metalearn.engines import MetaEvaluator, default_prepare_episode
 
     raw = getattr(dataset, "data", dataset)
     have = _subject_counts(raw)
@@ -463,14 +571,19 @@ def evaluate_segmentation(
                 not_possible.append(f"{name} {k}-shot: {skipped} (too few subjects)")
             if not usable:
                 continue
+            whole = bool(getattr(learner, "whole_volume", False))
             episodes = SegmentationEpisodeDataset(
-                dataset, usable, k_shot=k, q_query=1, num_episodes=num_episodes,
-                support_transform=patch_transforms(patch_size, n_patches), query_transform=volume_transforms(),
-                support_subjects=sup_pool, query_subjects=qry_pool, balanced=True, seed=seed + 1000 * k,
+                dataset, usable, k_shot=k, q_query=1,
+                num_episodes=int(num_episodes if num_episodes is not None else proto["num_episodes"]),
+                support_transform=volume_transforms() if whole else patch_transforms(patch_size, n_patches),
+                query_transform=volume_transforms(), support_subjects=sup_pool, query_subjects=qry_pool,
+                balanced=True, seed=seed + 1000 * k, stack=not whole,
             )
             evaluator = MetaEvaluator(
                 device=device, val_data_loader=episode_loader(episodes), learner=learner, task="segmentation",
-                amp=amp, progress=progress, inferer=sliding_window_inferer(patch_size, sw_batch_size, overlap),
+                prepare_episode=volume_prepare_episode if whole else default_prepare_episode,
+                amp=amp, progress=progress,
+                inferer=None if whole else sliding_window_inferer(patch_size, sw_batch_size, overlap),
                 mask_postprocess=mask_postprocess(keep_largest_component),
                 val_handlers=[StatsHandler(iteration_log=False, name=f"evaluate_{name}_{k}shot")],
             )
@@ -495,8 +608,34 @@ def evaluate_segmentation(
     return out
 
 
+def merge_fold_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Cross-validation: the ``metrics.json`` of several folds (each with its ``fold`` and ``episodes``) as one
+    summary per protocol and shot over all their episodes, with the interval over query subjects.
+
+    A subject queried in several folds (CHAOS, ACDC: never trained on, so every fold's model segments them) counts
+    once in the subject-level interval, its episodes averaged.
+
+    Returns:
+        ``{"by_protocol": {name: {k: summary}}, "by_shot": {k: summary}, "folds": [...], "n_episodes": n}``.
+    """
+    records = [{**r, "fold": m.get("fold")} for m in metrics for r in m.get("episodes", [])]
+    by_protocol: dict[str, dict[str, Any]] = {}
+    for name in sorted({r["protocol"] for r in records}):
+        for k in sorted({r["k_shot"] for r in records if r["protocol"] == name}):
+            sel = [r for r in records if r["protocol"] == name and r["k_shot"] == k]
+            by_protocol.setdefault(name, {})[str(k)] = _summary(sel)
+    by_shot = {str(k): _summary([r for r in records if r["k_shot"] == k]) for k in sorted({r["k_shot"] for r in records})}
+    return {"by_protocol": by_protocol, "by_shot": by_shot, "folds": [m.get("fold") for m in metrics],
+            "n_episodes": len(records)}
+
+
 def _subjects(record: Mapping[str, Any]) -> list[str]:
     return [str(s) for key in ("support_subject", "query_subject") for s in record.get(key, [])]
+
+
+def _query(record: Mapping[str, Any]) -> str:
+    """The query subject(s) of an episode record, as one id."""
+    return "+".join(str(q) for q in record.get("query_subject", [])) or "unknown"
 
 
 def _direction(record: Mapping[str, Any]) -> str:
@@ -507,7 +646,7 @@ def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Dice summary of episode records: overall, ``per_structure``, ``per_direction`` (1-shot), ``slab`` (the
     same for the Dice on the structure's axial slices, see :func:`~monai_metalearn.metrics.slab_dice`) and ``raw``
     (the same before the mask post-processing, when there was one)."""
-    from monai_metalearn.metrics import summarize, summarize_groups
+    from monai_metalearn.metrics import mean_ci95_subjects, summarize, summarize_groups
 
     out: dict[str, Any] = {}
     for key, part_name in (("dice", None), ("dice_slab", "slab"), ("dice_raw", "raw")):
@@ -520,6 +659,12 @@ def _summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             if len(r.get("support_subject", [])) == 1:
                 per_direction[_direction(r)].append(r[key])
         part = summarize([r[key] for r in records], per_class=per_structure, name="dice", group_key="per_structure")
+        # the interval over query subjects (each subject's episodes averaged first) and how many stand behind it
+        part["dice"]["subjects"] = mean_ci95_subjects([r[key] for r in records], [_query(r) for r in records])
+        part["dice"]["n_support_subjects"] = len({s for r in records for s in r.get("support_subject", [])})
+        for name, entry in part["per_structure"].items():
+            sel = [r for r in records if str(r.get("structure")) == name]
+            entry["subjects"] = mean_ci95_subjects([r[key] for r in sel], [_query(r) for r in sel])
         if per_direction:
             part["per_direction"] = summarize_groups(per_direction)
         if part_name is None:
@@ -541,8 +686,11 @@ def load_segmentation_task(path: str | os.PathLike, data_dir: str | None = None)
 
     ``image`` is a NIfTI/NRRD file or a DICOM series folder; ``label`` a mask on the same grid (non-zero voxels, or
     the voxels equal to the item's ``label_value``, are the structure). Relative paths are taken from the task file's
-    folder (or ``data_dir``). ``modality`` (top level or per item: ``"CT"`` or ``"MR"``) picks the intensity scaling;
-    default: guessed from the intensities (Hounsfield air means CT).
+    folder (or ``data_dir``). Intensities are scaled per image (see
+    :func:`~monai_metalearn.transforms.scale_intensity`): ``intensity`` (top level or per item: ``"ct_hu"``,
+    ``"ct_windowed"``, ``"mr"``) says what they are; else ``modality`` (``"CT"`` or ``"MR"``) and the values decide
+    (:func:`~monai_metalearn.transforms.infer_intensity`): the HU window only for scans with Hounsfield air (below
+    -500), so windowed 8-bit CT and MRI of any scale are scaled by their own percentiles.
 
     Exits with a one-line error for: a missing/unreadable task file, no support, no query, a support item without
     ``label``, a missing file.
@@ -593,6 +741,7 @@ def segment_task(
     top_modality = task.get("modality")
     support_read = _reader(pixdim, with_label=True)
     sampler = patch_transforms(patch_size, n_patches)
+    whole = bool(getattr(learner, "whole_volume", False))
     xs, ys = [], []
     for i, item in enumerate(task["support"]):
         where = f"support[{i}] {item['image']}"
@@ -607,13 +756,18 @@ def segment_task(
             fail(f"{where}: the support mask {item['label']} is empty"
                  + ("" if value is None else f" (no voxel equals label_value {value})")
                  + (f" after resampling to {list(pixdim)} mm" if pixdim is not None else ""))
-        modality = item.get("modality") or top_modality or guess_modality(d["image"])
-        image = scale_intensity(d["image"].as_tensor(), modality)
+        image = d["image"].as_tensor()
+        image = scale_intensity(
+            image, item_intensity({"modality": top_modality, "intensity": task.get("intensity"), **item}, image))
+        if whole:  # whole-volume learners (atlases, references) take the support scans whole
+            xs.append(image.to(device))
+            ys.append(mask.as_tensor().float().to(device))
+            continue
         sampler.set_random_state(seed=seed + i)
         for sample in sampler({"image": image, "label": mask.as_tensor().float()}):
             xs.append(sample["image"])
             ys.append(sample["label"])
-    sx, sy = torch.stack(xs).to(device), torch.stack(ys).to(device)
+    sx, sy = (xs, ys) if whole else (torch.stack(xs).to(device), torch.stack(ys).to(device))
     learner = learner.to(device).eval()
     try:
         with torch.enable_grad():
@@ -634,10 +788,10 @@ def segment_task(
         except (ScanLoadError, RuntimeError, OSError) as err:
             fail(f"{where}: {_reason(err)}")
         image = d["image"]
-        modality = item.get("modality") or top_modality or guess_modality(image)
-        x = scale_intensity(image.as_tensor(), modality)[None].to(device)
+        kind = item_intensity({"modality": top_modality, "intensity": task.get("intensity"), **item}, image)
+        x = scale_intensity(image.as_tensor(), kind)[None].to(device)
         with torch.no_grad():
-            logits = inferer(x, predictor)
+            logits = predictor(x) if whole else inferer(x, predictor)
         pred = (logits.argmax(1, keepdim=True) if logits.shape[1] > 1 else logits[:, :1] > 0).to(torch.uint8).cpu()
         if postprocess is not None:
             pred = postprocess(pred)

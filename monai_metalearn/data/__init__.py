@@ -8,7 +8,16 @@ from monai_metalearn.data.episodes import (
     episode_loader,
 )
 from monai_metalearn.data.loading import LoadScan, LoadScand, LoadScanD, LoadScanDict, ScanLoadError, validate_datalist
-from monai_metalearn.data.names import FREESURFER_NAMES, STRUCTURE_NAMES, TOTALSEG_NAMES, canonical_name
+from monai_metalearn.data.names import (
+    ACDC_NAMES,
+    BTCV_NAMES,
+    CHAOS_NAMES,
+    FREESURFER_NAMES,
+    LPBA40_NAMES,
+    STRUCTURE_NAMES,
+    TOTALSEG_NAMES,
+    canonical_name,
+)
 from monai_metalearn.data.patches import (
     build_structure_patches,
     class_counts,
@@ -18,13 +27,19 @@ from monai_metalearn.data.patches import (
 )
 from monai_metalearn.data.readers import NpzReader
 from monai_metalearn.data.sampler import Episode, EpisodeSampler, check_disjoint_splits, split_classes
-from monai_metalearn.data.sources import SOURCES, Source, data_dir, get_source, load_datalist
+from monai_metalearn.data.sources import SOURCES, Source, UpstreamLayout, data_dir, get_source, load_datalist
+from monai_metalearn.data.upstream import LabelIdError
 
 __all__ = [
+    "ACDC_NAMES",
+    "BTCV_NAMES",
+    "CHAOS_NAMES",
     "ClassificationEpisodeDataset",
     "Episode",
     "EpisodeSampler",
     "FREESURFER_NAMES",
+    "LPBA40_NAMES",
+    "LabelIdError",
     "LoadScan",
     "LoadScanD",
     "LoadScanDict",
@@ -37,6 +52,7 @@ __all__ = [
     "can_draw_episode",
     "Source",
     "TOTALSEG_NAMES",
+    "UpstreamLayout",
     "build_structure_patches",
     "canonical_name",
     "check_disjoint_splits",

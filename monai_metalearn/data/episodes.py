@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from monai_metalearn.data.sampler import Episode, EpisodeSampler
+from monai_metalearn.transforms.intensity import IGNORE_LABEL
 
 __all__ = [
     "ClassificationEpisodeDataset",
@@ -213,6 +214,10 @@ class SegmentationEpisodeDataset(TorchDataset):
         balanced: structures are taken in turn (episode ``i`` uses ``structures[i % S]``) and the query subjects in
             turn within a structure, so that every (structure, query subject) pair is evaluated equally often (fixed
             evaluation episodes); otherwise both are drawn at random.
+        ignore_structures: structures whose voxels are marked :data:`~monai_metalearn.transforms.IGNORE_LABEL`
+            (-1) in every binary mask, before the support / query transforms: neither the episode's structure nor
+            background, so that losses, prototypes and patch centres never use them (setting 2 of the abdominal
+            protocol: the held-out test organs inside the training scans). Must not include ``structures``.
 
     Raises:
         ValueError: a structure present in fewer than ``k_shot + q_query`` distinct subjects (or in too few of the
@@ -239,10 +244,15 @@ class SegmentationEpisodeDataset(TorchDataset):
         support_subjects: Sequence[str] | None = None,
         query_subjects: Sequence[str] | None = None,
         balanced: bool = False,
+        ignore_structures: Sequence[str] | None = None,
     ) -> None:
         from monai_metalearn.transforms import SelectStructured
 
         self._select = SelectStructured
+        self.ignore_structures = [str(s) for s in (ignore_structures or ())]
+        both = sorted(set(self.ignore_structures) & {str(s) for s in structures})
+        if both:
+            raise ValueError(f"structures {both} are both episode structures and ignore_structures.")
         self.data = data
         raw = _raw_items(data)
         if not structures:
@@ -345,6 +355,17 @@ class SegmentationEpisodeDataset(TorchDataset):
             [self.index[structure][s] for s in query],
         )
 
+    def _ignore_mask(self, item: Mapping) -> torch.Tensor | None:
+        """The voxels of ``ignore_structures`` in the item's label map (``None`` when it has none of them)."""
+        from monai_metalearn.transforms import resolve_structure, structure_mask
+
+        names = item[self.structures_key]
+        present = [s for s in self.ignore_structures if s in names]
+        if not present:
+            return None
+        ids = [i for s in present for i in resolve_structure(s, names)[1]]
+        return structure_mask(torch.as_tensor(item[self.keys[1]]), ids, "ignored structures").bool()
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_episodes:
             raise IndexError(f"episode {index} out of range 0..{self.num_episodes - 1}")
@@ -356,7 +377,11 @@ class SegmentationEpisodeDataset(TorchDataset):
             transform = self.support_transform if side == "support" else self.query_transform
             seed = _item_seed(self.seed, self.epoch * self.num_episodes + index, pos)
             item = dict(_read(self.data, j, seed))
+            ignore = self._ignore_mask(item)
             item = select(item)
+            if ignore is not None:
+                mask = item[self.keys[1]]
+                item[self.keys[1]] = torch.where(ignore, torch.full_like(mask, IGNORE_LABEL), mask)
             if transform is not None:
                 if hasattr(transform, "set_random_state"):
                     transform.set_random_state(seed=seed)

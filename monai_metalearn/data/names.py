@@ -13,6 +13,12 @@ names to the id valid for that item's label map.
   (3) on the left, humerus_left (69) far left in CT-2.
 - Brain (FreeSurfer ``aseg`` ids, used by the voxelmorph ``seg`` and the SynthSeg training maps):
   :data:`FREESURFER_NAMES`, e.g. ``17 -> hippocampus_left``, ``53 -> hippocampus_right``.
+- The multi-subject sets, each with its own ids but the names above wherever the structure is the same:
+  :data:`BTCV_NAMES` (abdominal CT, ``6 -> liver``), :data:`CHAOS_NAMES` (abdominal MR, ``1 -> liver``),
+  :data:`ACDC_NAMES` (cardiac MR: ``right_ventricle``, ``myocardium``, ``left_ventricle``) and
+  :data:`LPBA40_NAMES` (brain MR: cortical gyri, ``insular_cortex_left``, ``cingulate_gyrus_left``, ``cerebellum``
+  as one structure, and ``caudate_left``, ``putamen_left``, ``hippocampus_left``, ``brainstem`` as in FreeSurfer).
+  A liver is ``liver`` in TotalSegmentator, BTCV and CHAOS; kidneys are ``kidney_left``/``kidney_right``.
 
 The SynthSeg training label maps hold 21 ids beyond the 33 named by SynthSeg's ``labels_table.txt``:
 
@@ -52,6 +58,10 @@ __all__ = [
     "FREESURFER_NAMES",
     "CHARM_NAMES",
     "SYNTHSEG_UNRESOLVED_NAMES",
+    "BTCV_NAMES",
+    "CHAOS_NAMES",
+    "ACDC_NAMES",
+    "LPBA40_NAMES",
     "EXTRA_NAMES",
     "STRUCTURE_NAMES",
     "canonical_name",
@@ -149,6 +159,73 @@ _fs.update(SYNTHSEG_UNRESOLVED_NAMES)
 #: present in the voxelmorph ``seg`` and in the 20 SynthSeg training maps (background 0 is not a structure).
 FREESURFER_NAMES: MappingProxyType[int, str] = MappingProxyType(dict(sorted(_fs.items())))
 
+#: BTCV abdominal CT (Multi-Atlas Labeling Beyond the Cranial Vault, also SSL-ALPNet's "SABS"): label id -> name.
+BTCV_NAMES: MappingProxyType[int, str] = MappingProxyType(
+    {
+        1: "spleen",
+        2: "kidney_right",
+        3: "kidney_left",
+        4: "gallbladder",
+        5: "esophagus",
+        6: "liver",
+        7: "stomach",
+        8: "aorta",
+        9: "inferior_vena_cava",
+        10: "portal_vein_and_splenic_vein",
+        11: "pancreas",
+        12: "adrenal_gland_right",
+        13: "adrenal_gland_left",
+    }
+)
+
+#: CHAOS abdominal MR (ids of the SSL-ALPNet NIfTI labels; the challenge's PNGs use grey values 63, 126, 189, 252).
+CHAOS_NAMES: MappingProxyType[int, str] = MappingProxyType(
+    {1: "liver", 2: "kidney_right", 3: "kidney_left", 4: "spleen"}
+)
+
+#: ACDC cine cardiac MR: label id -> name (the challenge's RV, MYO, LV).
+ACDC_NAMES: MappingProxyType[int, str] = MappingProxyType(
+    {1: "right_ventricle", 2: "myocardium", 3: "left_ventricle"}
+)
+
+_LPBA40_SIDED = {  # LPBA40: left id -> name without side; the right twin is left id + 1
+    21: "superior_frontal_gyrus",
+    23: "middle_frontal_gyrus",
+    25: "inferior_frontal_gyrus",
+    27: "precentral_gyrus",
+    29: "middle_orbitofrontal_gyrus",
+    31: "lateral_orbitofrontal_gyrus",
+    33: "gyrus_rectus",
+    41: "postcentral_gyrus",
+    43: "superior_parietal_gyrus",
+    45: "supramarginal_gyrus",
+    47: "angular_gyrus",
+    49: "precuneus",
+    61: "superior_occipital_gyrus",
+    63: "middle_occipital_gyrus",
+    65: "inferior_occipital_gyrus",
+    67: "cuneus",
+    81: "superior_temporal_gyrus",
+    83: "middle_temporal_gyrus",
+    85: "inferior_temporal_gyrus",
+    87: "parahippocampal_gyrus",
+    89: "lingual_gyrus",
+    91: "fusiform_gyrus",
+    101: "insular_cortex",
+    121: "cingulate_gyrus",
+    161: "caudate",
+    163: "putamen",
+    165: "hippocampus",
+}
+_lpba: dict[int, str] = {}
+for _left, _base in _LPBA40_SIDED.items():
+    _lpba[_left], _lpba[_left + 1] = f"{_base}_left", f"{_base}_right"
+_lpba.update({181: "cerebellum", 182: "brainstem"})
+
+#: LPBA40 brain MR (56 structures): label id -> name. Caudate, putamen, hippocampus and brainstem share FreeSurfer's
+#: names; ``cerebellum`` is the whole cerebellum (FreeSurfer splits it into cortex and white matter per side).
+LPBA40_NAMES: MappingProxyType[int, str] = MappingProxyType(_lpba)
+
 #: Structures of the other sources, which have no shared id table (spinal cord tissue, tumours, phantom labels).
 EXTRA_NAMES: frozenset[str] = frozenset(
     {
@@ -164,7 +241,14 @@ EXTRA_NAMES: frozenset[str] = frozenset(
 )
 
 #: Every canonical structure name.
-STRUCTURE_NAMES: frozenset[str] = frozenset(TOTALSEG_NAMES.values()).union(FREESURFER_NAMES.values(), EXTRA_NAMES)
+STRUCTURE_NAMES: frozenset[str] = frozenset(TOTALSEG_NAMES.values()).union(
+    FREESURFER_NAMES.values(),
+    BTCV_NAMES.values(),
+    CHAOS_NAMES.values(),
+    ACDC_NAMES.values(),
+    LPBA40_NAMES.values(),
+    EXTRA_NAMES,
+)
 
 # Spellings used by the sources themselves (FreeSurferColorLUT, SynthSeg labels_table.txt, CHARM) -> canonical name.
 _SOURCE_SPELLINGS = {
@@ -205,8 +289,22 @@ _SOURCE_SPELLINGS = {
     "extra-cerebral soft tissues": "extracerebral_soft_tissue",
     "Charm-Spinal-Cord": "spinal_cord",
     "Optic-Nerve": "optic_nerve",
+    "RV": "right_ventricle",  # ACDC
+    "MYO": "myocardium",
+    "LV": "left_ventricle",
+    "IVC": "inferior_vena_cava",  # BTCV
+    "portal and splenic vein": "portal_vein_and_splenic_vein",
 }
-_WORD_SYNONYMS = {"grey": "gray", "tumour": "tumor", "lh": "left", "rh": "right", "wm": "white_matter"}
+# "L"/"R" as a side word: LPBA40 writes "L superior frontal gyrus".
+_WORD_SYNONYMS = {
+    "grey": "gray",
+    "tumour": "tumor",
+    "lh": "left",
+    "rh": "right",
+    "l": "left",
+    "r": "right",
+    "wm": "white_matter",
+}
 _SIDES = ("left", "right")
 
 

@@ -273,7 +273,7 @@ class MetaEvaluator(Evaluator):
                 counts[1] += n
         else:
             target = qy if qy.ndim == logits.ndim else qy.unsqueeze(1)
-            target = (target != 0).long()
+            target = (target > 0).long()
             if logits.shape[1] == 1:
                 pred = (logits > 0).long()
                 loss = float(F.binary_cross_entropy_with_logits(logits, target.float()))

@@ -21,9 +21,11 @@ from .factory import LEARNERS, create_learner, learner_key
 from .finetune import FineTuneBaseline, FineTunedPredictor
 from .maml import ANIL, FOMAML, MAML, MetaSGD
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
+from .references import BoxAlignedReference, VolumeLearner, WholeBodyReference, place_by_body_box
 from .reptile import Reptile
 from .segmentation import (
     SEGMENTATION_LEARNERS,
+    VOLUME_LEARNERS,
     PrototypeSegmenter,
     PrototypeSegPredictor,
     SegmentationFineTune,
@@ -40,6 +42,11 @@ from .segmentation import (
 
 __all__ = [
     "ANIL",
+    "BoxAlignedReference",
+    "VOLUME_LEARNERS",
+    "VolumeLearner",
+    "WholeBodyReference",
+    "place_by_body_box",
     "FOMAML",
     "MAML",
     "Episode",

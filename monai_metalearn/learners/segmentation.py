@@ -2,8 +2,14 @@
 and a factory that also puts MAML, FOMAML, ANIL and Reptile on a segmentation network.
 
 Episodes are tensors: ``support_x`` ``[Ks, 1, D, H, W]`` (float), ``support_y`` ``[Ks, 1, D, H, W]`` (binary mask,
-nonzero is the structure, any dtype), ``query_x`` / ``query_y`` alike. Logits are ``[B, 2, D, H, W]`` (background,
+positive is the structure, any dtype), ``query_x`` / ``query_y`` alike. Logits are ``[B, 2, D, H, W]`` (background,
 foreground); the predicted mask is their arg-max.
+
+Masks of meta-training episodes may hold :data:`~monai_metalearn.transforms.IGNORE_LABEL` (-1) voxels: neither
+structure nor background (setting 2 of the abdominal protocol: the held-out test organs inside the training scans).
+Every loss, metric and prototype here leaves them out: :class:`SegmentationLoss` masks them (MONAI's
+``MaskedDiceLoss`` and a cross-entropy with ``ignore_index``), :func:`dice_from_logits` does not score them, and
+background prototypes are pooled over the voxels equal to 0 only.
 
 * :class:`PrototypeSegmenter`: foreground and background prototypes are masked averages of the support features;
   a query voxel's logit for a class is ``scale`` times its cosine similarity to the class prototype (PANet, Wang et
@@ -26,21 +32,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceCELoss, DiceLoss, MaskedDiceLoss
 from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 
 from monai_metalearn.metrics import binary_dice
 from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm_mode
 from monai_metalearn.networks.segmentation import SegmentationModel, segmentation_features
+from monai_metalearn.transforms.intensity import IGNORE_LABEL
 
 from .base import Episode, Learner, average_metrics, check_episode
 from .factory import learner_key
 from .maml import ANIL, FOMAML, MAML
+from .references import BoxAlignedReference, WholeBodyReference
 from .reptile import Reptile
 
 __all__ = [
     "SEGMENTATION_LEARNERS",
+    "VOLUME_LEARNERS",
     "PrototypeSegPredictor",
     "PrototypeSegmenter",
     "SegmentationFineTune",
@@ -55,7 +64,10 @@ __all__ = [
     "segmentation_loss",
 ]
 
-SEGMENTATION_LEARNERS = ("maml", "fomaml", "anil", "reptile", "protoseg", "finetune", "scratch")
+#: Learners that take whole volumes and have nothing to meta-train (the trivial references), by name.
+VOLUME_LEARNERS: dict[str, type[Learner]] = {"wholebody": WholeBodyReference, "boxaligned": BoxAlignedReference}
+
+SEGMENTATION_LEARNERS = ("maml", "fomaml", "anil", "reptile", "protoseg", "finetune", "scratch", *VOLUME_LEARNERS)
 """Names accepted by :func:`create_segmentation_learner`."""
 
 ALIGN_WITH = ("prediction", "mask")
@@ -70,12 +82,26 @@ def _with_channel(y: Tensor, ndim: int) -> Tensor:
 
 
 def _foreground(y: Tensor, ndim: int) -> Tensor:
-    """Binary foreground mask ``[B, 1, *S]`` (bool) of a mask or global-id target (nonzero is foreground)."""
-    return _with_channel(y, ndim) != 0
+    """Binary foreground mask ``[B, 1, *S]`` (bool) of a mask or global-id target (positive is foreground; the
+    ignored voxels, ``IGNORE_LABEL``, are not)."""
+    return _with_channel(y, ndim) > 0
+
+
+def _valid(y: Tensor, ndim: int) -> Tensor:
+    """The voxels ``[B, 1, *S]`` (bool) that count: all but the ``IGNORE_LABEL`` (negative) ones."""
+    return _with_channel(y, ndim) >= 0
+
+
+def _binary_target(y: Tensor, ndim: int) -> Tensor:
+    """Float ``[B, 1, *S]`` target: 1 on the structure, 0 on the background, ``IGNORE_LABEL`` where ignored."""
+    y = _with_channel(y, ndim)
+    fg = (y > 0).float()
+    return torch.where(y < 0, torch.full_like(fg, float(IGNORE_LABEL)), fg)
 
 
 def dice_from_logits(logits: Tensor, y: Tensor) -> float:
-    """Dice of the predicted masks against ``y != 0``, pooled over the batch (all voxels of all samples).
+    """Dice of the predicted masks against ``y > 0``, pooled over the batch (all voxels of all samples), ignored
+    voxels (``IGNORE_LABEL``) left out.
 
     Pooling matters for patches: a background-only patch would otherwise score 1.0 for an empty prediction, so a
     model that predicts nothing would look half right on a pos/neg patch batch.
@@ -83,7 +109,7 @@ def dice_from_logits(logits: Tensor, y: Tensor) -> float:
     Args:
         logits: ``[B, C, *S]``; the prediction is the arg-max over channels (``C >= 2``, channel 0 being the
             background) or ``logits > 0`` (``C == 1``).
-        y: reference masks ``[B, 1, *S]`` or ``[B, *S]``; nonzero is foreground.
+        y: reference masks ``[B, 1, *S]`` or ``[B, *S]``; positive is foreground, negative ignored.
 
     Returns:
         :func:`~monai_metalearn.metrics.binary_dice` of the batch taken as one volume (1.0 when prediction and
@@ -91,6 +117,8 @@ def dice_from_logits(logits: Tensor, y: Tensor) -> float:
     """
     logits = logits.detach()
     pred = logits.argmax(1, keepdim=True) if logits.shape[1] > 1 else logits > 0
+    valid = _valid(y, logits.dim())
+    pred = pred & valid
     return float(binary_dice(pred.reshape(1, -1), _foreground(y, logits.dim()).reshape(1, -1)))
 
 
@@ -98,22 +126,41 @@ class SegmentationLoss(nn.Module):
     """``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)`` taking masks of any dtype.
 
     ``y`` ``[B, 1, *S]`` or ``[B, *S]`` is cast to float (DiceCELoss one-hot encodes it and casts it to long for the
-    cross-entropy); with 2-channel logits it is binarised first (nonzero is foreground), so global-id masks work too.
+    cross-entropy); with 2-channel logits it is binarised first (positive is foreground), so global-id masks work too.
+
+    Voxels of ``y`` equal to ``IGNORE_LABEL`` (any negative value) take no part: the Dice term is MONAI's
+    ``MaskedDiceLoss`` over the other voxels and the cross-entropy averages over them only (``ignore_index``), so the
+    loss and its gradient do not depend on the logits of ignored voxels. Without ignored voxels the loss is exactly
+    ``DiceCELoss``.
 
     Args:
         kwargs: further ``DiceCELoss`` arguments (``lambda_dice``, ``lambda_ce``, ``smooth_nr`` ...).
     """
 
+    _DICE_ARGS = ("include_background", "squared_pred", "jaccard", "smooth_nr", "smooth_dr", "batch", "weight")
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, **kwargs)
+        self.masked_dice = MaskedDiceLoss(
+            to_onehot_y=True, softmax=True, **{k: v for k, v in kwargs.items() if k in self._DICE_ARGS})
+        self.lambda_dice = float(kwargs.get("lambda_dice", 1.0))
+        self.lambda_ce = float(kwargs.get("lambda_ce", 1.0))
 
     def forward(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Scalar DiceCE loss of ``logits`` ``[B, C, *S]`` against ``y``."""
+        """Scalar DiceCE loss of ``logits`` ``[B, C, *S]`` against ``y`` (ignored voxels left out)."""
         y = _with_channel(y, logits.dim())
-        if logits.shape[1] == 2:
-            y = y != 0
-        return self.loss(logits, y.float())
+        valid = y >= 0
+        target = (y > 0).float() if logits.shape[1] == 2 else y.float()
+        if bool(valid.all()):
+            return self.loss(logits, target)
+        target = target * valid
+        dice = self.masked_dice(logits, target, mask=valid.float())
+        if not bool(valid.any()):
+            return self.lambda_dice * dice + 0.0 * logits.sum()
+        ce = F.cross_entropy(logits, torch.where(valid, target, torch.full_like(target, -100.0))[:, 0].long(),
+                             ignore_index=-100)
+        return self.lambda_dice * dice + self.lambda_ce * ce
 
 
 def segmentation_loss(**kwargs: Any) -> SegmentationLoss:
@@ -334,21 +381,22 @@ class PrototypeSegmenter(Learner):
 
         Args:
             features: ``[B, F, *S]``.
-            mask: ``[B, 1, *S']``; nonzero is foreground, the rest background.
+            mask: ``[B, 1, *S']``; positive is foreground, 0 background, negative (``IGNORE_LABEL``) neither.
             what: name used in error messages.
 
         Raises:
             ValueError: if the mask has no foreground or no background voxel.
         """
         fg = _foreground(mask, features.dim())
+        bg = _valid(mask, features.dim()) & ~fg
         if not bool(fg.any()):
             raise ValueError(f"{what} mask is empty: the structure has no voxel in the {what} patches")
-        if bool(fg.all()):
+        if not bool(bg.any()):
             raise ValueError(f"{what} background mask is empty: the structure fills the whole {what} patches")
-        fg = fg.float()
+        fg, bg = fg.float(), bg.float()
         if self.local:
-            return tuple(local_prototypes(features, m, self.pool_size, self.threshold) for m in (1 - fg, fg))
-        return masked_average_pooling(features, 1 - fg)[None], masked_average_pooling(features, fg)[None]
+            return tuple(local_prototypes(features, m, self.pool_size, self.threshold) for m in (bg, fg))
+        return masked_average_pooling(features, bg)[None], masked_average_pooling(features, fg)[None]
 
     def logits(self, features: Tensor, prototypes: Sequence[Tensor]) -> Tensor:
         """Logits ``[B, 2, *S]`` of ``features`` against ``(background, foreground)`` prototypes."""
@@ -366,17 +414,19 @@ class PrototypeSegmenter(Learner):
             ValueError: for a malformed episode or an empty support mask.
         """
         check_episode(support_x, support_y, query_x, query_y)
-        fg_s = _foreground(support_y, support_x.dim()).float()
-        fg_q = _foreground(query_y, query_x.dim()).float()
+        t_s = _binary_target(support_y, support_x.dim())
+        t_q = _binary_target(query_y, query_x.dim())
         fs, fq = self.embed(support_x), self.embed(query_x)
-        logits = self.logits(fq, self.prototypes(fs, fg_s))
-        loss = self.loss_fn(logits, fg_q)
+        logits = self.logits(fq, self.prototypes(fs, t_s))
+        loss = self.loss_fn(logits, t_q)
         if self.align_weight > 0:
-            mask_q = logits.detach().argmax(1, keepdim=True) != 0 if self.align_with == "prediction" else fg_q != 0
-            if bool(mask_q.any()) and not bool(mask_q.all()):
-                support_logits = self.logits(fs, self.prototypes(fq, mask_q, "query"))
-                loss = loss + self.align_weight * self.loss_fn(support_logits, fg_s)
-        return loss, {"loss": float(loss.detach()), "dice": dice_from_logits(logits, fg_q)}
+            mask_q = logits.detach().argmax(1, keepdim=True) != 0 if self.align_with == "prediction" else t_q > 0
+            valid_q = t_q >= 0
+            if bool((mask_q & valid_q).any()) and bool((~mask_q & valid_q).any()):
+                align_mask = torch.where(valid_q, mask_q.float(), torch.full_like(t_q, float(IGNORE_LABEL)))
+                support_logits = self.logits(fs, self.prototypes(fq, align_mask, "query"))
+                loss = loss + self.align_weight * self.loss_fn(support_logits, t_s)
+        return loss, {"loss": float(loss.detach()), "dice": dice_from_logits(logits, t_q)}
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> PrototypeSegPredictor:
         """Prototypes of the support set (detached), as a :class:`PrototypeSegPredictor`.
@@ -387,7 +437,7 @@ class PrototypeSegmenter(Learner):
         """
         check_episode(support_x, support_y)
         with torch.no_grad():
-            prototypes = self.prototypes(self.embed(support_x), _foreground(support_y, support_x.dim()))
+            prototypes = self.prototypes(self.embed(support_x), _binary_target(support_y, support_x.dim()))
         return PrototypeSegPredictor(self, tuple(p.detach() for p in prototypes))
 
 
@@ -395,8 +445,9 @@ class PrototypeSegmenter(Learner):
 class SegmentationGlobalLabels:
     """``prepare_episode`` for :class:`SegmentationFineTune`'s pre-training: binary masks -> global structure ids.
 
-    The masks of an episode of structure ``s`` become ``(mask != 0) * (index(s) + 1)`` (int64), so a voxel value
-    ``v > 0`` means "meta-train structure ``v - 1``" and 0 is background. Use it as the trainer's
+    The masks of an episode of structure ``s`` become ``(mask > 0) * (index(s) + 1)`` (int64), so a voxel value
+    ``v > 0`` means "meta-train structure ``v - 1``" and 0 is background; ignored voxels (``IGNORE_LABEL``) stay
+    ignored. Use it as the trainer's
     ``prepare_episode`` for the ``finetune`` learner only; evaluation keeps binary masks.
 
     Args:
@@ -434,7 +485,11 @@ class SegmentationGlobalLabels:
 
         sx, sy, qx, qy = default_prepare_episode(episode, device, non_blocking, **kwargs)
         value = self.structure_id(episode["structure"]) + 1
-        return sx, (sy != 0).long() * value, qx, (qy != 0).long() * value
+
+        def relabel(y: Tensor) -> Tensor:
+            return torch.where(y < 0, torch.full_like(y, IGNORE_LABEL, dtype=torch.long), (y > 0).long() * value)
+
+        return sx, relabel(sy), qx, relabel(qy)
 
 
 def _reset_parameters(module: nn.Module) -> None:
@@ -544,6 +599,7 @@ class SegmentationFineTune(Learner):
         self.seed = int(seed)
         self.zero_init_head = bool(zero_init_head)
         self.pretrain_dice = DiceLoss(sigmoid=True)
+        self.pretrain_masked_dice = MaskedDiceLoss(sigmoid=True)
         self.pretrain_bce = nn.BCEWithLogitsLoss()
 
     # ------------------------------------------------------------------------------------------- pre-training
@@ -568,6 +624,7 @@ class SegmentationFineTune(Learner):
                 mixed batch), non-integer or negative values, or an id outside ``0..n_base_structures-1``.
         """
         flat = y.detach().reshape(y.shape[0], -1).float()
+        flat = torch.where(flat == IGNORE_LABEL, torch.zeros_like(flat), flat)  # ignored voxels show no structure
         values = torch.unique(flat[flat != 0])
         if values.numel() == 0:
             raise ValueError("the masks are empty: cannot tell which structure to pre-train on")
@@ -589,6 +646,8 @@ class SegmentationFineTune(Learner):
     def pretrain_loss(self, x: Tensor, y: Tensor, structure_ids: Tensor | None = None) -> tuple[Tensor, float]:
         """``DiceLoss(sigmoid) + BCE`` of each sample's structure channel against ``y > 0``; returns ``(loss, dice)``.
 
+        Voxels equal to ``IGNORE_LABEL`` take no part (``MaskedDiceLoss`` and a masked BCE).
+
         Args:
             x: ``[B, C, *S]``.
             y: global-id masks ``[B, 1, *S]``.
@@ -599,8 +658,14 @@ class SegmentationFineTune(Learner):
         logits = self(x)
         selected = logits[torch.arange(x.shape[0], device=x.device), ids][:, None]  # [B, 1, *S]
         target = (y > 0).to(selected.dtype)
-        loss = self.pretrain_dice(selected, target) + self.pretrain_bce(selected, target)
-        return loss, float(binary_dice(selected.detach() > 0, target))
+        valid = y >= 0
+        if bool(valid.all()):
+            loss = self.pretrain_dice(selected, target) + self.pretrain_bce(selected, target)
+            return loss, float(binary_dice(selected.detach() > 0, target))
+        w = valid.to(selected.dtype)
+        bce = F.binary_cross_entropy_with_logits(selected, target, weight=w, reduction="sum") / w.sum().clamp_min(1.0)
+        loss = self.pretrain_masked_dice(selected, target, mask=w) + bce
+        return loss, float(binary_dice((selected.detach() > 0) & valid, target))
 
     def pretrain_step(
         self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, scaler: Any | None = None
@@ -707,7 +772,7 @@ class SegmentationFineTune(Learner):
         model = self._fresh_model()
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=self.finetune_lr)
-        x, target = support_x.float(), fg.float()
+        x, target = support_x.float(), _binary_target(support_y, support_x.dim())
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             for _ in range(self.finetune_steps):
                 opt.zero_grad(set_to_none=True)
@@ -726,7 +791,7 @@ class SegmentationFineTune(Learner):
         """
         check_episode(support_x, support_y, query_x, query_y)
         logits = self.adapt(support_x, support_y)(query_x).float()
-        fg_q = _foreground(query_y, query_x.dim()).float()
+        fg_q = _binary_target(query_y, query_x.dim())
         with torch.no_grad():
             loss = self.loss_fn(logits, fg_q)
         return loss, {"loss": float(loss), "dice": dice_from_logits(logits, fg_q)}
@@ -750,7 +815,9 @@ def create_segmentation_learner(
       through ``kwargs``);
     * ``protoseg``: ``PrototypeSegmenter(backbone, **kwargs)``;
     * ``finetune`` / ``scratch``: ``SegmentationFineTune(backbone, feature_channels, n_base_structures,
-      pretrained=name == "finetune", **kwargs)``.
+      pretrained=name == "finetune", **kwargs)``;
+    * the whole-volume learners of :data:`VOLUME_LEARNERS` (``wholebody``, ``boxaligned``, and the registration-based
+      ones when registered): ``cls(**kwargs)``; ``backbone`` is not used.
 
     Args:
         name: one of :data:`SEGMENTATION_LEARNERS` (case-insensitive; ``-``/``_`` ignored, see
@@ -774,6 +841,8 @@ def create_segmentation_learner(
         model = SegmentationModel(backbone, feature_channels, 2)
         kwargs = {"loss_fn": segmentation_loss(), "metric_fn": dice_from_logits, "metric_name": "dice", **kwargs}
         return _GRADIENT_LEARNERS[key](model, **kwargs)
+    if key in VOLUME_LEARNERS:
+        return VOLUME_LEARNERS[key](**kwargs)
     if key == "protoseg":
         return PrototypeSegmenter(backbone, **kwargs)
     if key == "finetune" and n_base_structures is None:

@@ -12,6 +12,19 @@ from monai_metalearn.transforms.array import (
     structure_bounding_box,
     structure_mask,
 )
+from monai_metalearn.transforms.intensity import (
+    CT_WINDOW,
+    IGNORE_LABEL,
+    INTENSITY_KINDS,
+    BodyMask,
+    BodyMaskd,
+    ScaleIntensityByKind,
+    ScaleIntensityByKindd,
+    body_mask,
+    check_intensity_kind,
+    infer_intensity,
+    scale_intensity,
+)
 from monai_metalearn.transforms.dictionary import (
     CropStructured,
     CropStructureD,
@@ -41,6 +54,18 @@ __all__ = [
     "RandCropStructure",
     "RemapLabels",
     "RandSynthesizeImage",
+    # intensity kinds, body masks, the ignore label
+    "CT_WINDOW",
+    "IGNORE_LABEL",
+    "INTENSITY_KINDS",
+    "BodyMask",
+    "BodyMaskd",
+    "ScaleIntensityByKind",
+    "ScaleIntensityByKindd",
+    "body_mask",
+    "check_intensity_kind",
+    "infer_intensity",
+    "scale_intensity",
     # dictionary
     "SelectStructured",
     "SelectStructureD",

@@ -2,7 +2,7 @@
 the real scans with small overrides, resume, schema validity, and the one-line errors.
 
 One train run is shared by the module (``trained``), and every run reads the subjects from one module cache
-(``--cache_dir``), so the 20 SynthSeg label maps, the T1 and the two CTs are loaded and resampled once."""
+(``--cache_dir``), so the 20 BTCV CTs, 10 CHAOS MRs, 30 ACDC and 6 LPBA40 scans are loaded and resampled once."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ SMALL = [
     "--n_patches", "2", "--eval_patches", "2", "--episodes_per_epoch", "2", "--meta_batch_size", "1",
     "--val_episodes", "2", "--val_interval", "1", "--progress", "False",
 ]
-TEST_STRUCTURES = {"liver", "spleen", "stomach", "pancreas", "thalamus_left", "thalamus_right", "putamen_left",
-                   "putamen_right", "hippocampus_left", "hippocampus_right"}
+TEST_STRUCTURES = {"liver", "spleen", "kidney_left", "kidney_right", "caudate_left", "caudate_right", "putamen_left",
+                   "putamen_right", "hippocampus_left", "hippocampus_right", "right_ventricle", "myocardium",
+                   "left_ventricle"}
+FOLD0_BTCV = {f"btcv_sabs_{i:02d}" for i in range(0, 20, 2)}
 
 pytestmark = pytest.mark.xdist_group("bundle")
 
@@ -114,38 +116,73 @@ def _dice_ok(summary: dict, n: int | None = None) -> None:
 
 def test_evaluate_writes_metrics_json(trained, tmp_path, cache_dir):
     out, _ = trained
-    ok(bundle(["train.json", "evaluate.json"], *SMALL, "--test_episodes", "2", out=tmp_path,
+    ok(bundle(["train.json", "evaluate.json"], *SMALL, "--test_episodes", "2", "--protocol", "all", out=tmp_path,
               ckpt=out / "model.pt", cache=cache_dir))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    # the top level: the smallest K (1-shot) over both protocols, 2 episodes each
-    _dice_ok(metrics, n=4)
+    # the top level: 1-shot over the five protocol entries, 2 episodes each
+    _dice_ok(metrics, n=10)
     assert metrics["k_shot"] == 1 and metrics["learner_name"] == "protoseg"
-    assert set(metrics["by_shot"]) == {"1", "5"}
-    _dice_ok(metrics["by_shot"]["1"], n=4)
-    _dice_ok(metrics["by_shot"]["5"], n=2)  # brain only: 2 CT subjects cannot give 5 support + 1 query
-    assert metrics["by_shot"]["1"]["dice"] == metrics["dice"]
+    assert metrics["fold"] == 0 and metrics["setting"] == 2 and metrics["protocol"] == "all"
+    assert set(metrics["by_shot"]) == {"1"} and metrics["by_shot"]["1"]["dice"] == metrics["dice"]
     protocols = metrics["by_protocol"]
-    assert set(protocols) == {"ct_cross_subject", "brain_labelmaps_to_t1"}
-    assert set(protocols["ct_cross_subject"]) == {"1"} and set(protocols["brain_labelmaps_to_t1"]) == {"1", "5"}
+    assert set(protocols) == {"abdominal_ct", "abdominal_mr", "abdominal_ct_to_mr", "heart", "brain"}
     for by_k in protocols.values():
-        for summary in by_k.values():
-            _dice_ok(summary, n=2)
-            for direction, s in summary.get("per_direction", {}).items():
-                assert " -> " in direction and 0.0 <= s["mean"] <= 1.0, (direction, s)
-    assert set(protocols["ct_cross_subject"]["1"]["per_structure"]) <= {"liver", "spleen", "stomach", "pancreas"}
-    assert len(metrics["not_possible"]) == 1, metrics["not_possible"]
-    assert metrics["not_possible"][0].startswith("ct_cross_subject 5-shot")
-    # episodes: CT support and query are different subjects; brain support = label maps, query = the real T1
-    assert len(metrics["episodes"]) == 6
+        summary = by_k["1"]
+        _dice_ok(summary, n=2)
+        # the interval over query subjects, and how many: balanced episodes take the structures in turn for the
+        # first query subject, so 2 episodes are 2 structures of 1 subject (no interval over 1 subject)
+        subjects = summary["dice"]["subjects"]
+        assert subjects["n_subjects"] == 1 and subjects["ci95"] is None, subjects
+        assert subjects["mean"] == pytest.approx(summary["dice"]["mean"]), subjects
+    assert metrics["not_possible"] == []
+    pools = {"abdominal_ct": (FOLD0_BTCV, FOLD0_BTCV), "abdominal_mr": ("chaos_", "chaos_"),
+             "abdominal_ct_to_mr": (FOLD0_BTCV, "chaos_"), "heart": ("acdc_", "acdc_"),
+             "brain": ({"lpba40_S01", "lpba40_S03", "lpba40_S05"},) * 2}
+    assert len(metrics["episodes"]) == 10
     for ep in metrics["episodes"]:
         assert math.isfinite(ep["dice"]) and 0.0 <= ep["dice"] <= 1.0, ep
-        assert ep["structure"] in TEST_STRUCTURES and len(ep["support_subject"]) == ep["k_shot"]
-        if ep["protocol"] == "ct_cross_subject":
-            assert set(ep["support_subject"] + ep["query_subject"]) == {"totalseg_ct1", "totalseg_ct2"}, ep
-        else:
-            assert ep["query_subject"] == ["voxelmorph_test_scan"], ep
-            assert all(s.startswith("synthseg_") for s in ep["support_subject"]), ep
-    assert {"totalseg_ct1", "totalseg_ct2", "voxelmorph_test_scan"} <= set(metrics["test_subjects"])
+        assert ep["structure"] in TEST_STRUCTURES and len(ep["support_subject"]) == ep["k_shot"] == 1
+        assert not set(ep["support_subject"]) & set(ep["query_subject"]), ep  # support and query subjects differ
+        for side, pool in zip(("support_subject", "query_subject"), pools[ep["protocol"]]):
+            for sub in ep[side]:
+                assert sub in pool if isinstance(pool, set) else sub.startswith(pool), (side, ep)
+
+
+def test_reference_learners_run_without_a_checkpoint(tmp_path, cache_dir, data_dir):
+    proc = bundle(["train.json", "evaluate.json"], *SMALL, "--learner_name", "boxaligned", "--test_episodes", "2",
+                  out=tmp_path, ckpt=tmp_path / "none.pt", cache=cache_dir)
+    ok(proc)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["by_protocol"]) == {"abdominal_ct", "abdominal_mr", "abdominal_ct_to_mr"}
+    # the liver placed by the body boxes overlaps the query's liver
+    liver = [e for e in metrics["episodes"] if e["structure"] == "liver"]
+    assert liver and all(e["dice"] > 0.1 for e in liver), liver
+    proc = bundle(["train.json"], *SMALL, "--learner_name", "wholebody", out=tmp_path / "train")
+    one_line_error(proc, "'wholebody' has nothing to meta-train", "evaluate.json")
+
+
+def test_inference_on_windowed_ct_and_mr_without_hu(tmp_path, data_dir):
+    """A task of BTCV (8-bit windowed CT) support and a BTCV and a CHAOS (MR) query, declared ``"modality": "CT"``
+    for the CT items: the box-aligned reference needs no checkpoint and writes masks on each query's grid."""
+    import nibabel as nib
+
+    task = {"support": [{"image": "btcv_sabs/image_0.nii.gz", "label": "btcv_sabs/label_0.nii.gz", "label_value": 6,
+                         "modality": "CT"}],
+            "query": [{"image": "btcv_sabs/image_3.nii.gz", "modality": "CT"},
+                      {"image": "chaos_t2/image_1.nii.gz", "modality": "MR"}]}
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    res = tmp_path / "out"
+    ok(bundle(["train.json", "inference.json"], *SMALL, "--learner_name", "boxaligned", "--task_file",
+              str(tmp_path / "task.json"), "--data_dir", str(data_dir), out=res, ckpt=tmp_path / "none.pt"))
+    listing = {Path(s["image"]).name: s for s in json.loads((res / "segmentations.json").read_text())["segmentations"]}
+    for name, folder in (("image_3.nii.gz", "btcv_sabs"), ("image_1.nii.gz", "chaos_t2")):
+        mask = nib.load(listing[name]["mask"])
+        query = nib.load(str(data_dir / folder / name))
+        assert mask.shape == query.shape and np.allclose(mask.affine, query.affine, atol=1e-4)
+        assert listing[name]["foreground_ml"] > 100, listing[name]  # a liver-sized mask, not an empty one
+    truth = np.asarray(nib.load(str(data_dir / "btcv_sabs" / "label_3.nii.gz")).dataobj) == 6
+    pred = np.asarray(nib.load(listing["image_3.nii.gz"]["mask"]).dataobj) > 0
+    assert 2 * (truth & pred).sum() / (truth.sum() + pred.sum()) > 0.2
 
 
 def liver_support(data_dir: Path, label: str = "example_seg_fast_force_split.nii.gz", value: int | None = 5) -> dict:
@@ -300,7 +337,7 @@ def test_patch_transforms_always_hold_the_structure_and_background(n):
 
 def test_structure_splits_in_the_config_are_disjoint(data_dir):
     cfg = json.loads((BUNDLE / "configs" / "train.json").read_text())
-    test = cfg["test_ct_structures"] + cfg["test_brain_structures"]
+    test = cfg["test_ct_structures"] + cfg["test_brain_structures"] + cfg["test_heart_structures"]
     app.check_class_splits(train=cfg["train_structures"], val=cfg["val_structures"], test=test)
     assert set(test) == TEST_STRUCTURES
     with pytest.raises(SystemExit, match="liver"):

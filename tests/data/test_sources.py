@@ -36,6 +36,22 @@ EXPECTED = {
         {"pyradiomics_brain1", "pyradiomics_brain2", "pyradiomics_breast1", "pyradiomics_prostate_phantom"},
         [1, 1, 1, 4],
     ),
+    # multi-subject sets (shared layout): BTCV subject 12 has no gallbladder; ED and ES of a patient share a subject
+    "btcv_sabs": (20, {f"btcv_sabs_{i:02d}" for i in range(20)}, [13] * 12 + [12] + [13] * 7),
+    "chaos_t2": (10, {f"chaos_{i:02d}" for i in (1, 2, 3, 5, 8, 10, 13, 15, 19, 20)}, [4] * 10),
+    "acdc": (60, {f"acdc_patient{g + i:03d}" for g in (0, 20, 40, 60, 80) for i in range(1, 7)}, [3] * 60),
+    "lpba40": (6, {f"lpba40_S{i:02d}" for i in range(1, 7)}, [56] * 6),
+}
+# source -> the intensity kind of its items (consumers pick the normalisation from it)
+INTENSITY = {
+    "totalseg_ct1": "ct_hu",
+    "totalseg_ct1_crop": "ct_hu",
+    "totalseg_ct2": "ct_hu",
+    "ivadomed_spleen": "ct_hu",
+    "btcv_sabs": "ct_windowed",
+    "adrenalmnist3d": "binary",
+    **{name: "mr" for name in ("voxelmorph_t1", "synthseg", "ivadomed_spinal_cord", "sct_spinal_cord")},
+    **{name: "mr" for name in ("pyradiomics", "chaos_t2", "acdc", "lpba40")},
 }
 SCAN_SOURCES = sorted(EXPECTED)
 
@@ -75,6 +91,20 @@ def test_get_source_lists_valid_names():
     with pytest.raises(KeyError, match="valid names: totalseg_ct1, totalseg_ct1_crop"):
         get_source("totalseg")
     assert set(SOURCES) == set(EXPECTED) | {"adrenalmnist3d"}
+    assert {"btcv_sabs", "chaos_t2", "acdc", "lpba40"} <= set(SOURCES)
+
+
+def test_every_item_of_every_source_declares_its_intensity(lists, data_dir):
+    from monai_metalearn.transforms.intensity import INTENSITY_KINDS
+
+    assert set(INTENSITY) == set(SOURCES)
+    everything = dict(lists, adrenalmnist3d=load_datalist("adrenalmnist3d", data_dir, split="val"))
+    for name, items in everything.items():
+        assert get_source(name).intensity == INTENSITY[name]
+        assert {it["intensity"] for it in items} == {INTENSITY[name]}, name
+        assert INTENSITY[name] in INTENSITY_KINDS
+        # an HU window is for CT in Hounsfield units only: never for MR, windowed CT or masks
+        assert (INTENSITY[name] == "mr") is (get_source(name).modality == "MR"), name
 
 
 @pytest.mark.parametrize("name", SCAN_SOURCES)
@@ -193,6 +223,15 @@ def test_freesurfer_names_cover_synthseg_table(data_dir):
         ("vertebrae l1", "vertebrae_L1"),
         ("spinal cord grey matter", "spinal_cord_gray_matter"),
         ("Other-Tissues", "extracerebral_soft_tissue"),
+        ("Left Ventricle", "left_ventricle"),
+        ("RV", "right_ventricle"),
+        ("Myocardium", "myocardium"),
+        ("superior frontal gyrus left", "superior_frontal_gyrus_left"),
+        ("L superior frontal gyrus", "superior_frontal_gyrus_left"),
+        ("R caudate", "caudate_right"),
+        ("Cerebellum", "cerebellum"),
+        ("right adrenal gland", "adrenal_gland_right"),
+        ("portal vein and splenic vein", "portal_vein_and_splenic_vein"),
     ],
 )
 def test_canonical_name(spelling, canonical):

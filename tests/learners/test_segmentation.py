@@ -13,6 +13,8 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from monai_metalearn.learners import (
+    BoxAlignedReference,
+    WholeBodyReference,
     ANIL,
     FOMAML,
     MAML,
@@ -323,6 +325,8 @@ def test_create_segmentation_learner():
         "protoseg": PrototypeSegmenter,
         "finetune": SegmentationFineTune,
         "scratch": SegmentationFineTune,
+        "wholebody": WholeBodyReference,
+        "boxaligned": BoxAlignedReference,
     }
     assert set(SEGMENTATION_LEARNERS) == set(expected)
     for name, cls in expected.items():
