@@ -572,6 +572,8 @@ def evaluate_segmentation(
             if not usable:
                 continue
             whole = bool(getattr(learner, "whole_volume", False))
+            if hasattr(learner, "prepare_protocol"):  # registration-based learners: spacing and modalities
+                learner.prepare_protocol(**_protocol_geometry(raw, sup_pool, qry_pool))
             episodes = SegmentationEpisodeDataset(
                 dataset, usable, k_shot=k, q_query=1,
                 num_episodes=int(num_episodes if num_episodes is not None else proto["num_episodes"]),
@@ -606,6 +608,19 @@ def evaluate_segmentation(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return out
+
+
+def _protocol_geometry(subjects: Sequence[Mapping[str, Any]], support: Sequence[str] | None,
+                       query: Sequence[str] | None) -> dict[str, Any]:
+    """Voxel spacing and modalities of a protocol's support and query subjects (for ``prepare_protocol``)."""
+    def pick(pool):
+        keep = None if pool is None else {str(p) for p in pool}
+        return [s for s in subjects if keep is None or str(s.get("subject")) in keep]
+
+    sup, qry = pick(support), pick(query)
+    spacing = next((s["pixdim"] for s in qry + sup if s.get("pixdim") is not None), None)
+    return {"spacing": spacing, "support_modalities": sorted({str(s.get("modality")) for s in sup}),
+            "query_modalities": sorted({str(s.get("modality")) for s in qry})}
 
 
 def merge_fold_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -769,6 +784,14 @@ def segment_task(
             ys.append(sample["label"])
     sx, sy = (xs, ys) if whole else (torch.stack(xs).to(device), torch.stack(ys).to(device))
     learner = learner.to(device).eval()
+    if hasattr(learner, "prepare_protocol"):  # registration-based learners: spacing and modalities of the task
+        def modality(item):
+            kind = item.get("intensity") or task.get("intensity")
+            mod = item.get("modality") or top_modality
+            return str(mod).upper() if mod else ("MR" if kind == "mr" else "CT" if kind else "unknown")
+
+        learner.prepare_protocol(spacing=pixdim, support_modalities=sorted({modality(i) for i in task["support"]}),
+                                 query_modalities=sorted({modality(i) for i in task["query"]}))
     try:
         with torch.enable_grad():
             predictor = learner.adapt(sx, sy)

@@ -44,6 +44,7 @@ from monai_metalearn.transforms.intensity import IGNORE_LABEL
 from .base import Episode, Learner, average_metrics, check_episode
 from .factory import learner_key
 from .maml import ANIL, FOMAML, MAML
+from .atlas import AtlasSegmenter, MultiAtlasSegmenter
 from .references import BoxAlignedReference, WholeBodyReference
 from .reptile import Reptile
 
@@ -64,8 +65,10 @@ __all__ = [
     "segmentation_loss",
 ]
 
-#: Learners that take whole volumes and have nothing to meta-train (the trivial references), by name.
-VOLUME_LEARNERS: dict[str, type[Learner]] = {"wholebody": WholeBodyReference, "boxaligned": BoxAlignedReference}
+#: Learners that take whole volumes and have nothing to meta-train (the trivial references and the registration-based
+#: atlas learners), by name.
+VOLUME_LEARNERS: dict[str, type[Learner]] = {"wholebody": WholeBodyReference, "boxaligned": BoxAlignedReference,
+                                             "atlas": AtlasSegmenter, "multiatlas": MultiAtlasSegmenter}
 
 SEGMENTATION_LEARNERS = ("maml", "fomaml", "anil", "reptile", "protoseg", "finetune", "scratch", *VOLUME_LEARNERS)
 """Names accepted by :func:`create_segmentation_learner`."""
@@ -803,8 +806,8 @@ _GRADIENT_LEARNERS: dict[str, type[Learner]] = {"maml": MAML, "fomaml": FOMAML, 
 
 def create_segmentation_learner(
     name: str,
-    backbone: nn.Module,
-    feature_channels: int,
+    backbone: nn.Module | None = None,
+    feature_channels: int | None = None,
     n_base_structures: int | None = None,
     **kwargs: Any,
 ) -> Learner:
@@ -837,12 +840,16 @@ def create_segmentation_learner(
     key = learner_key(name)
     if key not in SEGMENTATION_LEARNERS:
         raise ValueError(f"unknown segmentation learner {name!r}; choose one of {list(SEGMENTATION_LEARNERS)}.")
+    if key in _GRADIENT_LEARNERS and (backbone is None or feature_channels is None):
+        raise ValueError(f"segmentation learner {name!r} needs a backbone and its feature_channels.")
     if key in _GRADIENT_LEARNERS:
         model = SegmentationModel(backbone, feature_channels, 2)
         kwargs = {"loss_fn": segmentation_loss(), "metric_fn": dice_from_logits, "metric_name": "dice", **kwargs}
         return _GRADIENT_LEARNERS[key](model, **kwargs)
-    if key in VOLUME_LEARNERS:
+    if key in VOLUME_LEARNERS:  # whole-volume learners: no network
         return VOLUME_LEARNERS[key](**kwargs)
+    if backbone is None or feature_channels is None:
+        raise ValueError(f"segmentation learner {name!r} needs a backbone and its feature_channels.")
     if key == "protoseg":
         return PrototypeSegmenter(backbone, **kwargs)
     if key == "finetune" and n_base_structures is None:

@@ -530,9 +530,19 @@ def register(
         if mask is not None and tuple(mask.shape[-3:]) != tuple(img.shape[-3:]):
             raise ValueError(f"{name} has spatial shape {tuple(mask.shape[-3:])}, its image {tuple(img.shape[-3:])}.")
     dev = torch.device(device) if device is not None else fixed.device
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    # the optimisation needs autograd even when called under no_grad / inference_mode (evaluation, inference)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.inference_mode(False), \
+            torch.enable_grad():
         torch.manual_seed(seed)
+        moving, fixed = _detached(moving), _detached(fixed)
+        moving_mask = None if moving_mask is None else _detached(moving_mask)
+        fixed_mask = None if fixed_mask is None else _detached(fixed_mask)
         return _register(moving, fixed, mgrid, fgrid, moving_mask, fixed_mask, cfg, dev, progress)
+
+
+def _detached(x: Tensor) -> Tensor:
+    """A normal (not inference-mode) copy of ``x`` without graph, keeping a ``MetaTensor``'s meta."""
+    return x.detach().clone() if torch.is_inference(x) else x.detach()
 
 
 def _register(moving, fixed, mgrid, fgrid, moving_mask, fixed_mask, cfg: RegistrationConfig, dev, progress):
@@ -681,6 +691,9 @@ def _register(moving, fixed, mgrid, fgrid, moving_mask, fixed_mask, cfg: Registr
         prev: tuple[Tensor, Grid] | None = None  # (velocity or displacement in world mm, grid)
         for s, n_it in def_levels:
             lv = level(s)
+            if min(lv.grid.shape) < 5:  # a thin slab at a coarse level: too few voxels for a smooth field
+                info.setdefault("skipped_levels", []).append(s)
+                continue
             with torch.no_grad():
                 y = lv.points @ tm[:3, :3].T + tm[:3, 3]
                 pre = lv.pull(lv.moving, y)  # moving features, affinely on the working grid
@@ -712,8 +725,9 @@ def _register(moving, fixed, mgrid, fgrid, moving_mask, fixed_mask, cfg: Registr
                 vel = smooth(par, sigma) if cfg.field_sigma > 0 else par
                 prev = (_vox_to_world_field(vel, lv.grid)[0], lv.grid)
                 last_ddf = integrate(vel) if integrate is not None else vel
-        field_world = _vox_to_world_field(last_ddf.detach(), prev[1])[0]
-        field_grid = prev[1]
+        if prev is not None:  # else every level was too thin: affine only
+            field_world = _vox_to_world_field(last_ddf.detach(), prev[1])[0]
+            field_grid = prev[1]
         timings["deformable"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     meta = dict(getattr(fixed, "meta", {}) or {})

@@ -1,0 +1,213 @@
+"""Registration-based atlas segmentation with the learner contract (``adapt(support) -> predictor``).
+
+Each labelled support scan (an *atlas*) is registered to the query (:func:`~monai_metalearn.registration.register`:
+initial search along the body axis, affine, deformable), its mask carried onto the query's grid, and the K carried
+masks fused:
+
+* ``"majority"``: :func:`~monai_metalearn.registration.majority_vote` of the K carried masks (each thresholded at
+  0.5; a tie is background). With K = 1 it is the carried mask.
+* ``"weighted"``: :func:`~monai_metalearn.registration.weighted_vote`, each atlas's vote weighted per voxel by the
+  local NCC of its registered image with the query.
+* ``"staple"``: :func:`~monai_metalearn.registration.staple` (binary STAPLE, EM of each atlas's sensitivity and
+  specificity).
+* ``"mean"``: the mean of the carried soft masks, thresholded at 0.5.
+
+Nothing is meta-trained (``trainable = False``): the bundle's ``inference.json`` and ``evaluate.json`` run these
+learners without a checkpoint. Volumes are whole scans (``whole_volume = True``): ``MetaTensor``\\ s with their
+affines, or plain tensors on a RAS grid of ``spacing`` mm (what the project's loaders give).
+
+Example::
+
+    from monai_metalearn.learners import AtlasSegmenter
+
+    atlas = AtlasSegmenter(spacing=(3, 3, 3))
+    predictor = atlas.adapt([support_image], [support_mask])      # [1, *S] each
+    mask = predictor(query_image[None]).argmax(1)                  # [1, *S']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .references import VolumeLearner, _as_volumes, mask_logits
+
+__all__ = ["AtlasSegmenter", "MultiAtlasSegmenter", "FUSIONS", "as_meta"]
+
+FUSIONS = ("majority", "weighted", "staple", "mean")
+
+
+def as_meta(volume: Tensor, spacing: Sequence[float]) -> Tensor:
+    """``volume`` ``[1, *S]`` as a ``MetaTensor`` with its own affine, or (a plain tensor) the affine of a RAS grid of
+    ``spacing`` mm with its origin at voxel 0."""
+    from monai.data import MetaTensor
+
+    if isinstance(volume, MetaTensor) and volume.affine is not None:
+        return volume
+    affine = torch.diag(torch.tensor([*map(float, spacing), 1.0], dtype=torch.float64))
+    return MetaTensor(torch.as_tensor(volume).float(), affine=affine)
+
+
+def _fingerprint(x: Tensor) -> str:
+    """Content hash of a volume (cache key of a registration)."""
+    data = x.detach().float().cpu().contiguous()
+    return hashlib.sha1(data.numpy().tobytes()).hexdigest() + str(tuple(data.shape))
+
+
+class AtlasSegmenter(VolumeLearner):
+    """Atlas (K = 1) and multi-atlas (K > 1) segmentation by pairwise registration and label fusion.
+
+    Args:
+        fusion: one of :data:`FUSIONS` (K > 1; with K = 1 every fusion gives the carried mask).
+        spacing: voxel size (mm) of plain-tensor inputs (``MetaTensor`` inputs use their affines).
+        similarity: registration similarity: ``"auto"`` (``"lncc"`` when atlases and queries share a modality,
+            ``"mind"`` when they do not, as :meth:`prepare_protocol` is told; ``"lncc"`` until then), ``"lncc"``
+            (mono-modal), ``"mind"`` (cross-modal, e.g. CT atlas to MR query), ``"ncc"``, ``"mi"``.
+        registration: further :class:`~monai_metalearn.registration.RegistrationConfig` fields (e.g.
+            ``{"spacing": 4.0, "stages": ["initial", "affine"]}``).
+        weighted_sigma: Gaussian window (voxels of the query grid) of the ``"weighted"`` fusion's local NCC.
+        device: where registrations run (default: the query's device).
+        seed: registration seed (runs are deterministic on the CPU).
+        cache_size: registrations kept per (atlas, query) pair: segmenting several structures of one atlas in one
+            query registers once.
+        progress: progress bars over the registration iterations.
+
+    Raises:
+        ValueError: unknown ``fusion`` or similarity, or an unknown ``registration`` field.
+    """
+
+    def __init__(
+        self,
+        fusion: str = "majority",
+        spacing: Sequence[float] = (3.0, 3.0, 3.0),
+        similarity: str = "auto",
+        registration: Mapping[str, Any] | None = None,
+        weighted_sigma: float = 2.0,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        cache_size: int = 8,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        from monai_metalearn.registration import RegistrationConfig
+
+        from monai_metalearn.registration import SIMILARITIES
+
+        if similarity != "auto" and similarity not in SIMILARITIES:
+            raise ValueError(f"AtlasSegmenter: similarity must be 'auto' or one of {SIMILARITIES}, got {similarity!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"AtlasSegmenter: fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
+        self.spacing = tuple(float(s) for s in (spacing if isinstance(spacing, Sequence) else [spacing] * 3))
+        if len(self.spacing) != 3:
+            raise ValueError(f"AtlasSegmenter: spacing needs 3 values, got {spacing!r}")
+        fields = {f.name for f in dataclasses.fields(RegistrationConfig)}
+        bad = sorted(set(registration or {}) - fields)
+        if bad:
+            raise ValueError(f"AtlasSegmenter: unknown registration settings {bad}; RegistrationConfig has "
+                             f"{sorted(fields)}")
+        self.similarity = str(similarity)
+        self.config = RegistrationConfig(similarity="lncc" if similarity == "auto" else similarity,
+                                         **dict(registration or {}))
+        self.weighted_sigma = float(weighted_sigma)
+        self.device = device
+        self.seed = int(seed)
+        self.cache_size = int(cache_size)
+        self.progress = bool(progress)
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.last_timings: list[dict[str, float]] = []
+
+    def extra_repr(self) -> str:
+        return f"fusion={self.fusion!r}, similarity={self.similarity!r}, spacing={self.spacing}"
+
+    def prepare_protocol(self, spacing: Sequence[float] | None = None, support_modalities: Sequence[str] = (),
+                         query_modalities: Sequence[str] = ()) -> None:
+        """Called by the evaluation and inference apps before a protocol or task: the voxel spacing of plain-tensor
+        volumes and, with ``similarity="auto"``, the similarity (MIND-SSC when the atlases' and queries' modalities
+        differ, LNCC otherwise)."""
+        if spacing is not None:
+            sp = [float(v) for v in (spacing if isinstance(spacing, Sequence) else [spacing] * 3)]
+            self.spacing = tuple(sp if len(sp) == 3 else sp[:1] * 3)
+        if self.similarity == "auto":
+            cross = bool(set(support_modalities)) and bool(set(query_modalities)) and \
+                set(support_modalities) != set(query_modalities)
+            self.config = dataclasses.replace(self.config, similarity="mind" if cross else "lncc")
+
+    # ------------------------------------------------------------------------------------------ registration
+    def register_pair(self, atlas_image: Tensor, query_image: Tensor):
+        """:class:`~monai_metalearn.registration.RegistrationResult` of ``atlas_image`` registered to
+        ``query_image`` (both ``[1, *S]``), cached by content."""
+        from monai_metalearn.registration import register
+
+        key = (_fingerprint(atlas_image), _fingerprint(query_image))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        result = register(as_meta(atlas_image, self.spacing), as_meta(query_image, self.spacing),
+                          config=self.config, device=self.device, seed=self.seed, progress=self.progress)
+        self.last_timings.append(dict(result.timings))
+        if self.cache_size > 0:
+            self._cache[key] = result
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return result
+
+    def carry(self, atlas_images: Sequence[Tensor], atlas_masks: Sequence[Tensor], query: Tensor):
+        """Soft masks ``[K, *S]`` and images ``[K, 1, *S]`` of the K atlases on the query's grid ``[1, *S]``."""
+        soft, images = [], []
+        for image, mask in zip(atlas_images, atlas_masks):
+            result = self.register_pair(image, query)
+            soft.append(result.warp_soft(as_meta(mask.float(), self.spacing)).as_tensor()[0])
+            images.append(result.warp_image(as_meta(image, self.spacing)).as_tensor())
+        return torch.stack(soft), torch.stack(images)
+
+    def fuse(self, soft: Tensor, images: Tensor, query: Tensor) -> Tensor:
+        """Foreground probability ``[1, *S]`` from the K carried soft masks ``[K, *S]`` (see the module docstring)."""
+        from monai_metalearn.registration import majority_vote, staple, weighted_vote
+
+        if soft.shape[0] == 1 or self.fusion == "mean":
+            return soft.mean(0, keepdim=True)
+        hard = (soft >= 0.5).to(torch.uint8)
+        if self.fusion == "majority":
+            return majority_vote(hard, label_ids=[1]).float().reshape(1, *soft.shape[1:])
+        if self.fusion == "weighted":
+            fused = weighted_vote(hard, images, query, sigma=self.weighted_sigma, label_ids=[1])
+            return fused.float().reshape(1, *soft.shape[1:])
+        _, probability, _, _ = staple(hard)
+        return probability.float().reshape(1, *soft.shape[1:])
+
+    # ------------------------------------------------------------------------------------------ contract
+    def adapt(self, support_x, support_y):
+        images, masks = _as_volumes(support_x, "support_x"), _as_volumes(support_y, "support_y")
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} support images but {len(masks)} support masks")
+        masks = [(m > 0).float() for m in masks]
+        for k, (i, m) in enumerate(zip(images, masks)):
+            if tuple(i.shape[1:]) != tuple(m.shape[1:]):
+                raise ValueError(f"support {k}: image {tuple(i.shape[1:])} and mask {tuple(m.shape[1:])} differ in "
+                                 "shape")
+            if not bool(m.any()):
+                raise ValueError(f"support {k}: the mask is empty: the structure has no voxel in that scan")
+
+        def predict(x: Tensor) -> Tensor:
+            out = []
+            for q in x:
+                soft, warped = self.carry(images, masks, q)
+                out.append(self.fuse(soft.to(q.device), warped.to(q.device), q))
+            return mask_logits(torch.stack(out))  # foreground where p > 0.5 (a tie is background)
+
+        return predict
+
+
+class MultiAtlasSegmenter(AtlasSegmenter):
+    """:class:`AtlasSegmenter` with locally weighted voting (``fusion="weighted"``) as its default fusion: the
+    ``multiatlas`` learner of the bundles."""
+
+    def __init__(self, fusion: str = "weighted", **kwargs: Any) -> None:
+        super().__init__(fusion=fusion, **kwargs)
