@@ -433,17 +433,18 @@ def build_segmentation_learner(
     overridden by ``overrides``; one-line error for an unknown learner or argument."""
     import inspect
 
-    from monai_metalearn.learners import ANIL, FOMAML, MAML, Reptile, learner_key
+    from monai_metalearn.learners import ANIL, FOMAML, MAML, Reptile
     from monai_metalearn.learners.segmentation import (
         SEGMENTATION_LEARNERS,
         VOLUME_LEARNERS,
         PrototypeSegmenter,
         SegmentationFineTune,
         create_segmentation_learner,
+        segmentation_learner_key,
     )
 
-    key = learner_key(name)
-    if key not in SEGMENTATION_LEARNERS:
+    key = segmentation_learner_key(name)
+    if key is None:
         fail(f"unknown learner_name {name!r}; choose one of {sorted(SEGMENTATION_LEARNERS)}")
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
     classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "reptile": Reptile, "protoseg": PrototypeSegmenter,

@@ -21,7 +21,7 @@ from .factory import LEARNERS, create_learner, learner_key
 from .finetune import FineTuneBaseline, FineTunedPredictor
 from .maml import ANIL, FOMAML, MAML, MetaSGD
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
-from .atlas import FUSIONS, AtlasSegmenter, MultiAtlasSegmenter
+from .atlas import FUSIONS, AtlasIntensitySegmenter, AtlasSegmenter, MultiAtlasSegmenter, atlas_intensity_posterior
 from .references import BoxAlignedReference, VolumeLearner, WholeBodyReference, place_by_body_box
 from .reptile import Reptile
 from .segmentation import (
@@ -43,7 +43,9 @@ from .segmentation import (
 
 __all__ = [
     "ANIL",
+    "AtlasIntensitySegmenter",
     "AtlasSegmenter",
+    "atlas_intensity_posterior",
     "FUSIONS",
     "MultiAtlasSegmenter",
     "BoxAlignedReference",

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .references import VolumeLearner, _as_volumes, mask_logits
 
-__all__ = ["AtlasSegmenter", "MultiAtlasSegmenter", "FUSIONS", "as_meta"]
+__all__ = ["AtlasIntensitySegmenter", "AtlasSegmenter", "MultiAtlasSegmenter", "FUSIONS", "as_meta", "atlas_intensity_posterior"]
 
 FUSIONS = ("majority", "weighted", "staple", "mean")
 
@@ -211,3 +211,72 @@ class MultiAtlasSegmenter(AtlasSegmenter):
 
     def __init__(self, fusion: str = "weighted", **kwargs: Any) -> None:
         super().__init__(fusion=fusion, **kwargs)
+
+
+def atlas_intensity_posterior(prior: Tensor, image: Tensor, sigma: float = 2.0, iterations: int = 3,
+                              bins: int = 32, floor: float = 0.01) -> Tensor:
+    """Refines a carried mask on the query's own intensities: the classical atlas-prior EM segmentation.
+
+    The carried soft mask ``prior`` ``[1, *S]`` (the atlases' fused probability), smoothed by a Gaussian of ``sigma``
+    voxels, is a spatial prior ``pi(x)``; the structure's and its surroundings' intensity distributions are learned
+    *on the query itself* (histograms of ``bins`` bins over the region where ``pi > floor``, weighted by the current
+    posterior and its complement), and the posterior ``pi f(I) / (pi f(I) + (1 - pi) b(I))`` is re-estimated
+    ``iterations`` times. Outside that region the posterior is 0. The atlases' pseudo-labels teach the intensity
+    model, the boundary voxels where they are unsure weigh little, and the query's own contrast (another phase,
+    another scanner) decides where the boundary goes.
+
+    Args:
+        prior: carried foreground probability on the query grid, ``[1, *S]`` in ``[0, 1]``.
+        image: the query image ``[1, *S]`` (any intensity scale).
+        sigma: prior smoothing (voxels): how far the boundary may move, about.
+        iterations: EM iterations.
+        bins: histogram bins between the region's 1st and 99th intensity percentiles.
+        floor: the region of interest is ``pi > floor``.
+
+    Returns:
+        posterior ``[1, *S]`` in ``[0, 1]``.
+    """
+    from monai_metalearn.registration.grid import smooth
+
+    p0 = prior.float().reshape(1, 1, *prior.shape[-3:])
+    pi = smooth(p0, [sigma] * 3).clamp(1e-4, 1 - 1e-4)[0]
+    x = torch.as_tensor(image).float().reshape(pi.shape)
+    region = pi > floor
+    if not bool(region.any()):
+        return torch.zeros_like(pi)
+    xv, piv = x[region], pi[region]
+    lo, hi = torch.quantile(xv[:: max(1, xv.numel() // 100000)], torch.tensor([0.01, 0.99]))
+    idx = ((xv - lo) / (hi - lo).clamp_min(1e-6) * bins).long().clamp(0, bins - 1)
+    post = p0[0][region].clamp(0, 1)
+    kernel = torch.tensor([0.25, 0.5, 0.25])
+    for _ in range(int(iterations)):
+        hists = []
+        for w in (post, 1 - post):
+            h = torch.zeros(bins).index_add_(0, idx, w)
+            h = torch.nn.functional.conv1d(h[None, None], kernel[None, None], padding=1)[0, 0] + 1e-3
+            hists.append(h / h.sum())
+        f, b = hists[0][idx], hists[1][idx]
+        post = piv * f / (piv * f + (1 - piv) * b)
+    out = torch.zeros_like(pi)
+    out[region] = post
+    return out
+
+
+class AtlasIntensitySegmenter(AtlasSegmenter):
+    """Registration as a data engine for the query itself: the fused carried mask (:class:`AtlasSegmenter`, fusion
+    ``"mean"`` by default) becomes the spatial prior and the pseudo-labels of an intensity model learned on the query
+    (:func:`atlas_intensity_posterior`); the ``atlas_em`` learner of the bundles.
+
+    Args:
+        sigma, iterations, bins: see :func:`atlas_intensity_posterior`.
+        kwargs: :class:`AtlasSegmenter` arguments.
+    """
+
+    def __init__(self, fusion: str = "mean", sigma: float = 2.0, iterations: int = 3, bins: int = 32,
+                 **kwargs: Any) -> None:
+        super().__init__(fusion=fusion, **kwargs)
+        self.sigma, self.iterations, self.bins = float(sigma), int(iterations), int(bins)
+
+    def fuse(self, soft: Tensor, images: Tensor, query: Tensor) -> Tensor:
+        prior = super().fuse(soft, images, query)
+        return atlas_intensity_posterior(prior, query, self.sigma, self.iterations, self.bins)

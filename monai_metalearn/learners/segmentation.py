@@ -44,13 +44,14 @@ from monai_metalearn.transforms.intensity import IGNORE_LABEL
 from .base import Episode, Learner, average_metrics, check_episode
 from .factory import learner_key
 from .maml import ANIL, FOMAML, MAML
-from .atlas import AtlasSegmenter, MultiAtlasSegmenter
+from .atlas import AtlasIntensitySegmenter, AtlasSegmenter, MultiAtlasSegmenter
 from .references import BoxAlignedReference, WholeBodyReference
 from .reptile import Reptile
 
 __all__ = [
     "SEGMENTATION_LEARNERS",
     "VOLUME_LEARNERS",
+    "segmentation_learner_key",
     "PrototypeSegPredictor",
     "PrototypeSegmenter",
     "SegmentationFineTune",
@@ -68,10 +69,17 @@ __all__ = [
 #: Learners that take whole volumes and have nothing to meta-train (the trivial references and the registration-based
 #: atlas learners), by name.
 VOLUME_LEARNERS: dict[str, type[Learner]] = {"wholebody": WholeBodyReference, "boxaligned": BoxAlignedReference,
-                                             "atlas": AtlasSegmenter, "multiatlas": MultiAtlasSegmenter}
+                                             "atlas": AtlasSegmenter, "multiatlas": MultiAtlasSegmenter,
+                                             "atlas_em": AtlasIntensitySegmenter}
 
 SEGMENTATION_LEARNERS = ("maml", "fomaml", "anil", "reptile", "protoseg", "finetune", "scratch", *VOLUME_LEARNERS)
 """Names accepted by :func:`create_segmentation_learner`."""
+
+
+def segmentation_learner_key(name: str) -> str | None:
+    """The :data:`SEGMENTATION_LEARNERS` name of ``name`` (case-insensitive, ``-``/``_`` ignored: ``"ATLAS-EM"`` ->
+    ``"atlas_em"``), or None for an unknown name."""
+    return {learner_key(k): k for k in SEGMENTATION_LEARNERS}.get(learner_key(name))
 
 ALIGN_WITH = ("prediction", "mask")
 
@@ -837,8 +845,8 @@ def create_segmentation_learner(
 
         learner = create_segmentation_learner("anil", unet_backbone(feature_channels=16), 16, inner_lr=0.1)
     """
-    key = learner_key(name)
-    if key not in SEGMENTATION_LEARNERS:
+    key = segmentation_learner_key(name)
+    if key is None:
         raise ValueError(f"unknown segmentation learner {name!r}; choose one of {list(SEGMENTATION_LEARNERS)}.")
     if key in _GRADIENT_LEARNERS and (backbone is None or feature_channels is None):
         raise ValueError(f"segmentation learner {name!r} needs a backbone and its feature_channels.")

@@ -714,7 +714,9 @@ def _register(moving, fixed, mgrid, fgrid, moving_mask, fixed_mask, cfg: Registr
                 moved = warp(pre, ddf)
                 loss = sim(moved, lv.fixed, w)
                 if cfg.regularization > 0:
-                    loss = loss + cfg.regularization * bending(ddf)
+                    with warnings.catch_warnings():  # MONAI's BendingEnergyLoss indexes with a list (torch warns)
+                        warnings.filterwarnings("ignore", message="Using a non-tuple sequence")
+                        loss = loss + cfg.regularization * bending(ddf)
                 if cfg.diffusion > 0:
                     loss = loss + cfg.diffusion * diffusion(ddf)
                 loss.backward()

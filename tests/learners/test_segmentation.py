@@ -13,6 +13,9 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from monai_metalearn.learners import (
+    AtlasIntensitySegmenter,
+    AtlasSegmenter,
+    MultiAtlasSegmenter,
     BoxAlignedReference,
     WholeBodyReference,
     ANIL,
@@ -327,6 +330,9 @@ def test_create_segmentation_learner():
         "scratch": SegmentationFineTune,
         "wholebody": WholeBodyReference,
         "boxaligned": BoxAlignedReference,
+        "atlas": AtlasSegmenter,
+        "multiatlas": MultiAtlasSegmenter,
+        "atlas_em": AtlasIntensitySegmenter,
     }
     assert set(SEGMENTATION_LEARNERS) == set(expected)
     for name, cls in expected.items():
