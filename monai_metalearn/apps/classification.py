@@ -408,8 +408,15 @@ def read_task_file(
             if part == "support" and "label" not in item:
                 fail(f"task_file support[{i}] ({item['image']}) has no 'label'")
             for key in keys:
-                if key in item:
-                    item[key] = resolve(item[key], f"{part}[{i}]" + ("" if key == "image" else f" {key}"))
+                if key not in item:
+                    continue
+                where = f"{part}[{i}]" + ("" if key == "image" else f" {key}")
+                if isinstance(item[key], list):  # several images of one case (cardiac phases, MR sequences)
+                    if not item[key] or not all(isinstance(p, str) for p in item[key]):
+                        fail(f"{where}: {key!r} must be a path or a non-empty list of paths, got {item[key]!r}")
+                    item[key] = [resolve(p, where) for p in item[key]]
+                else:
+                    item[key] = resolve(item[key], where)
     return task
 
 
@@ -421,8 +428,10 @@ def load_task_file(path: str | os.PathLike, data_dir: str | None = None) -> dict
         {"support": [{"image": "a.nii.gz", "label": "lesion"}, ...],
          "query": [{"image": "q.nii.gz"}, ...]}
 
-    ``image`` is a NIfTI/NRRD file or a DICOM series folder; relative paths are taken from the task file's folder
-    (or ``data_dir``). An item may also give ``mask`` (a label map) and ``mask_label`` (its id of the structure,
+    ``image`` is a NIfTI/NRRD file or a DICOM series folder, or a list of them: the co-registered images of one
+    case (``["ed.nii.gz", "es.nii.gz"]``), read as channels in that order (they must share one grid). An optional
+    ``id`` per item is echoed in the predictions. Relative paths are taken from the task file's folder (or
+    ``data_dir``). An item may also give ``mask`` (a label map) and ``mask_label`` (its id of the structure,
     default: any non-zero voxel): the image is then cropped around that structure, as in training.
 
     Exits with a one-line error for: a missing/unreadable file, no support, fewer than 2 classes, a support item
@@ -497,6 +506,10 @@ class _MaskCrop:
         return d
 
 
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def predict_task(
     learner: torch.nn.Module,
     task_file: str,
@@ -505,11 +518,17 @@ def predict_task(
     pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
     device: str | torch.device = "cpu",
     data_dir: str | None = None,
+    transform: Any = None,
 ) -> dict[str, Any]:
     """Adapts ``learner`` to the task file's support set and writes ``output_dir/predictions.json``.
 
+    Args:
+        transform: reads one task item ``{"image": path or [paths]}`` into ``{"image": tensor}`` (e.g.
+            :func:`monai_metalearn.diagnosis.case_transforms`, the diagnosis pipeline); default the patch pipeline
+            (:func:`inference_transforms` with ``spatial_size`` and ``pixdim``, ``mask`` crops).
+
     Returns:
-        ``{"classes": [...], "predictions": [{"image", "label", "probabilities": {class: p}}, ...]}``.
+        ``{"classes": [...], "predictions": [{"id" (when given), "image", "label", "probabilities": {class: p}}]}``.
     """
     from monai_metalearn.data import ScanLoadError
 
@@ -522,7 +541,10 @@ def predict_task(
         out = []
         for i, item in enumerate(items):
             try:
-                key = (item["image"], item.get("mask"))
+                if transform is not None:
+                    out.append(transform({"image": item["image"]})["image"])
+                    continue
+                key = (_hashable(item["image"]), item.get("mask"))
                 if key not in scans:
                     scans[key] = read({"image": key[0]} if key[1] is None else {"image": key[0], "roi": key[1]})
                 entry = {**scans[key], "name": f"{part}[{i}] {item['image']}"}
@@ -536,9 +558,9 @@ def predict_task(
     sx, qx = load(task["support"], "support"), load(task["query"], "query")
     sy = torch.tensor([classes.index(str(it["label"])) for it in task["support"]], device=device)
     learner = learner.to(device).eval()
-    from monai_metalearn.learners import FineTuneBaseline, ProtoNet
+    from monai_metalearn.learners import FineTuneBaseline, MatchingNet, ProtoNet
 
-    flexible = isinstance(learner, (ProtoNet, FineTuneBaseline))  # no fixed head: any number of classes
+    flexible = isinstance(learner, (ProtoNet, FineTuneBaseline, MatchingNet))  # no fixed head: any number of classes
     saved_n_way = learner.n_way if flexible else None
     try:
         if flexible:
@@ -554,10 +576,11 @@ def predict_task(
         logits = predictor(qx).float()
     if logits.shape[1] < len(classes):
         fail(f"the task has {len(classes)} classes but the model was trained {logits.shape[1]}-way: use at most "
-             f"{logits.shape[1]} labels, or a learner without a fixed head (protonet, finetune)")
+             f"{logits.shape[1]} labels, or a learner without a fixed head (protonet, matching, finetune)")
     probs = torch.softmax(logits[:, : len(classes)], dim=1).cpu()
     preds = [
         {
+            **({"id": item["id"]} if "id" in item else {}),
             "image": item["image"],
             "label": classes[int(p.argmax())],
             "probabilities": {c: round(float(v), 6) for c, v in zip(classes, p)},

@@ -234,6 +234,7 @@ def _read_subjects(datalist, structures, spacing, progress, min_voxels) -> list[
             "synthetic": bool(item.get("synthetic", False)),
             "dropped": dropped,
             "pixdim": None if pixdim is None else [float(p) for p in pixdim],
+            **({"phase": item["phase"]} if item.get("phase") else {}),
         }
         if "image" in loaded:
             image = loaded["image"].as_tensor()

@@ -222,6 +222,8 @@ class LoadScand(MapTransform):
     """
     Dictionary version of :class:`LoadScan`: load every key, then check that the scans share one grid.
 
+    A list of paths under one key (``"image": ["ed.nii.gz", "es.nii.gz"]``: cardiac phases, MR sequences) loads as
+    the channels of one image, in order; the files must share one grid, and the error names both files when not.
     Values that are already arrays or tensors (e.g. AdrenalMNIST3D items) are wrapped as channel-first MetaTensors
     and checked for finiteness. When the data holds ``f"{key}{threshold_postfix}"`` (e.g. ``label_threshold``), the
     loaded scan is binarised as ``scan > threshold`` (soft masks such as SCT's ``mt1_gmseg``).
@@ -286,6 +288,8 @@ class LoadScand(MapTransform):
             value = d[key]
             if isinstance(value, (str, os.PathLike)):
                 img = self._load(value, key=key)
+            elif _is_path_list(value):
+                img = self._load_channels(value, key)
             else:
                 img = self._wrap_array(value, key)
             threshold = d.get(f"{key}{self.threshold_postfix}") if self.threshold_postfix else None
@@ -295,6 +299,29 @@ class LoadScand(MapTransform):
         if self.check_geometry and len(loaded) > 1:
             self._check_geometry(loaded)
         return d
+
+    def _load_channels(self, paths: Sequence[PathLike], key: Hashable) -> MetaTensor:
+        """Several co-registered scans of one case (cardiac phases, MR sequences) as the channels of one image, in
+        the order given; every scan must lie on the first one's grid (the error names both files)."""
+        if not paths:
+            raise ScanLoadError(f"{key}: empty list of files", key, None)
+        images = [self._load(p, key=key) for p in paths]
+        ref_shape, ref_affine = _canonical_grid(images[0])
+        for path, img in zip(paths[1:], images[1:]):
+            shape, affine = _canonical_grid(img)
+            where = f"{key}: {path}: grid differs from {paths[0]} (the files of one {key!s} are its channels)"
+            if shape != ref_shape:
+                raise ScanLoadError(f"{where}: spatial shape {shape} vs {ref_shape} (both in RAS)", key, path)
+            diff = float(np.abs(affine - ref_affine).max())
+            if diff > self.geometry_atol:
+                raise ScanLoadError(f"{where}: affines differ by up to {diff:.4g} mm (tolerance "
+                                    f"{self.geometry_atol:g} mm)", key, path)
+        out = torch.cat([img.as_tensor() for img in images], dim=0)
+        meta = dict(images[0].meta)
+        meta["filename_or_obj"] = str(paths[0])
+        meta["channel_files"] = [str(p) for p in paths]
+        meta.pop("affine", None)
+        return MetaTensor(out, affine=images[0].affine, meta=meta)
 
     def _check_geometry(self, loaded: Mapping[Hashable, MetaTensor]) -> None:
         ref_key, *others = list(loaded)
@@ -323,6 +350,10 @@ def _describe(value: Any) -> str:
 
 
 LoadScanD = LoadScanDict = LoadScand
+
+
+def _is_path_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value)
 
 
 def _check_header(path_text: PathLike) -> None:

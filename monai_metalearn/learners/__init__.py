@@ -1,4 +1,4 @@
-"""Few-shot learners: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNet and the fine-tuning baselines; for few-shot
+"""Few-shot learners: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNet, Matching Networks and the fine-tuning baselines; for few-shot
 segmentation, prototype segmentation (PANet / SSL-ALPNet), the segmentation fine-tuning baselines and a factory.
 
 Every learner follows :class:`~monai_metalearn.learners.base.Learner`: ``meta_loss``, ``adapt``, ``outer_step`` and
@@ -20,6 +20,7 @@ from .base import (
 from .factory import LEARNERS, create_learner, learner_key
 from .finetune import FineTuneBaseline, FineTunedPredictor
 from .maml import ANIL, FOMAML, MAML, MetaSGD
+from .matching import MatchingNet, MatchingPredictor, matching_log_probs
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
 from .atlas import FUSIONS, AtlasIntensitySegmenter, AtlasSegmenter, MultiAtlasSegmenter, atlas_intensity_posterior
 from .references import BoxAlignedReference, VolumeLearner, WholeBodyReference, place_by_body_box
@@ -62,6 +63,9 @@ __all__ = [
     "LEARNERS",
     "Learner",
     "MetaSGD",
+    "MatchingNet",
+    "MatchingPredictor",
+    "matching_log_probs",
     "ProtoNet",
     "PrototypePredictor",
     "PrototypeSegPredictor",

@@ -14,6 +14,7 @@ from torch import nn
 from monai_metalearn.learners.base import Learner
 from monai_metalearn.learners.finetune import FineTuneBaseline
 from monai_metalearn.learners.maml import ANIL, FOMAML, MAML, MetaSGD
+from monai_metalearn.learners.matching import MatchingNet
 from monai_metalearn.learners.protonet import ProtoNet
 from monai_metalearn.learners.reptile import Reptile
 
@@ -27,6 +28,7 @@ LEARNERS: dict[str, tuple[type[Learner], bool]] = {
     "metasgd": (MetaSGD, True),
     "reptile": (Reptile, True),
     "protonet": (ProtoNet, False),
+    "matching": (MatchingNet, False),
     "finetune": (FineTuneBaseline, False),
 }
 
@@ -70,4 +72,6 @@ def create_learner(
         if n_base_classes is None:
             raise ValueError("the 'finetune' baseline needs n_base_classes (the number of meta-train classes).")
         return cls(encoder, feature_dim, n_base_classes=n_base_classes, n_way=n_way, **kwargs)
+    if cls is MatchingNet:
+        return cls(encoder, feature_dim=feature_dim, **kwargs)
     return cls(encoder, **kwargs)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monai_metalearn.learners import ANIL, FOMAML, MAML, FineTuneBaseline, MetaSGD, ProtoNet, Reptile, accuracy
+from monai_metalearn.learners import (
+    ANIL, FOMAML, MAML, FineTuneBaseline, MatchingNet, MetaSGD, ProtoNet, Reptile, accuracy,
+)
 from monai_metalearn.networks import ConvEncoder3D, FewShotClassifier
 
 from .synthetic import TaskFamily
@@ -24,6 +26,8 @@ LEARNERS = {
     "metasgd": (lambda m: MetaSGD(m, inner_lr=0.1, inner_steps=1), 3e-3),
     "reptile": (lambda m: Reptile(m, inner_lr=0.05, inner_steps=5, epsilon=0.5), None),
     "protonet": (lambda m: ProtoNet(m.encoder), 1e-2),
+    "matching": (lambda m: MatchingNet(m.encoder), 1e-2),
+    "matching_fce": (lambda m: MatchingNet(m.encoder, fce=True, feature_dim=32), 1e-2),
     "finetune": (lambda m: FineTuneBaseline(m.encoder, 32, 16, finetune_steps=50, finetune_lr=0.05), 1e-2),
 }
 
