@@ -33,9 +33,15 @@ LEARNERS: dict[str, tuple[type[Learner], bool]] = {
 }
 
 
+#: other spellings of a :data:`LEARNERS` key (after case folding and removing ``-``/``_``)
+_ALIASES = {"matchingnet": "matching", "matchingnetworks": "matching"}
+
+
 def learner_key(name: str) -> str:
-    """The :data:`LEARNERS` key of a learner name: case-insensitive, ``-``/``_`` ignored (``"Meta-SGD"`` -> ``"metasgd"``)."""
-    return str(name).lower().replace("-", "").replace("_", "")
+    """The :data:`LEARNERS` key of a learner name: case-insensitive, ``-``/``_`` ignored (``"Meta-SGD"`` -> ``"metasgd"``);
+    ``"matching_net"`` / ``"MatchingNetworks"`` -> ``"matching"``."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    return _ALIASES.get(key, key)
 
 
 def create_learner(
@@ -54,7 +60,8 @@ def create_learner(
         feature_dim: encoder output size.
         n_way: classes per episode (sizes the head of MAML-family learners).
         n_base_classes: meta-train classes, for the fine-tuning baseline's pre-training head.
-        kwargs: the learner's own arguments (e.g. ``inner_lr``, ``inner_steps``, ``distance``, ``head``).
+        kwargs: the learner's own arguments (e.g. ``inner_lr``, ``inner_steps``, ``distance``, ``head``, ``fce``).
+            ``matching`` gets ``feature_dim`` (for its full-context LSTMs) and, like ``protonet``, no fixed ``n_way``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones), or ``finetune`` without ``n_base_classes``.
@@ -73,5 +80,5 @@ def create_learner(
             raise ValueError("the 'finetune' baseline needs n_base_classes (the number of meta-train classes).")
         return cls(encoder, feature_dim, n_base_classes=n_base_classes, n_way=n_way, **kwargs)
     if cls is MatchingNet:
-        return cls(encoder, feature_dim=feature_dim, **kwargs)
+        return cls(encoder, **{"feature_dim": feature_dim, **kwargs})
     return cls(encoder, **kwargs)
