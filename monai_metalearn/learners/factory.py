@@ -38,8 +38,8 @@ _ALIASES = {"matchingnet": "matching", "matchingnetworks": "matching"}
 
 
 def learner_key(name: str) -> str:
-    """The :data:`LEARNERS` key of a learner name: case-insensitive, ``-``/``_`` ignored (``"Meta-SGD"`` -> ``"metasgd"``);
-    ``"matching_net"`` / ``"MatchingNetworks"`` -> ``"matching"``."""
+    """The :data:`LEARNERS` key of a learner name: case-insensitive, ``-``/``_`` ignored (``"Meta-SGD"`` ->
+    ``"metasgd"``); aliases such as ``"matching_net"`` / ``"MatchingNetworks"`` -> ``"matching"``."""
     key = str(name).lower().replace("-", "").replace("_", "")
     return _ALIASES.get(key, key)
 
