@@ -27,6 +27,7 @@ __all__ = [
     "build_learner",
     "load_learner",
     "evaluate_shots",
+    "evaluate_protocols",
     "check_cli_overrides",
     "prepare_episode_for",
     "write_metrics",
@@ -137,7 +138,8 @@ def cached(cache_file: Path | None, build: Callable[[], Any]) -> Any:
 def _patch_key(datalist: Sequence[Mapping[str, Any]], structures: Sequence[str], pixdim: Any, n_views: int) -> str:
     import hashlib
 
-    parts: list[Any] = [sorted(structures), list(pixdim) if pixdim is not None else None, n_views]
+    # the format version: bump when build_structure_patches' items change (2: body_box)
+    parts: list[Any] = [2, sorted(structures), list(pixdim) if pixdim is not None else None, n_views]
     for item in datalist:
         for key in ("image", "label"):
             value = item.get(key)
@@ -257,9 +259,15 @@ def evaluate_shots(
     amp: bool = False,
     num_workers: int = 0,
     progress: bool = True,
+    support_subjects: Sequence[str] | None = None,
+    query_subjects: Sequence[str] | None = None,
+    metrics_name: str = "metrics.json",
     **extra: Any,
 ) -> dict[str, Any]:
-    """Meta-test: ``n_way``-way episodes on ``classes`` for each K in ``shots``; writes ``output_dir/metrics.json``.
+    """Meta-test: ``n_way``-way episodes on ``classes`` for each K in ``shots``; writes ``output_dir/metrics_name``.
+
+    ``support_subjects`` / ``query_subjects`` restrict the sides of the cross-subject episodes (e.g. CT support, MR
+    query); ``test_subjects`` in the metrics are then the query subjects.
 
     The same fixed episodes for every learner (seeded by ``seed`` and K). Each K is one
     :class:`~monai_metalearn.engines.MetaEvaluator` run with a ``StatsHandler``; the figures are logged and written
@@ -281,6 +289,7 @@ def evaluate_shots(
             episodes = ClassificationEpisodeDataset(
                 dataset, n_way=n_way, k_shot=int(k), q_query=q_query, num_episodes=num_episodes, classes=classes,
                 cross_subject=cross_subject, seed=seed + 1000 * int(k),
+                support_subjects=support_subjects, query_subjects=query_subjects,
             )
         except ValueError as err:
             fail(str(err))
@@ -294,13 +303,68 @@ def evaluate_shots(
             f"{n_way}-way {k}-shot: accuracy {evaluator.state.metrics['accuracy']:.4f} "
             f"+/- {evaluator.state.metrics['accuracy_ci95']:.4f} over {num_episodes} episodes"
         )
+    pool = None if query_subjects is None else {str(s) for s in query_subjects}
     for item in getattr(dataset, "data", dataset):
-        if item.get("class") in classes:
+        if item.get("class") in classes and (pool is None or str(item.get("subject")) in pool):
             subjects.add(str(item.get("subject")))
     return write_metrics(
-        str(Path(output_dir) / "metrics.json"), evaluators, n_way=n_way, q_query=q_query, classes=list(classes),
+        str(Path(output_dir) / metrics_name), evaluators, n_way=n_way, q_query=q_query, classes=list(classes),
         test_subjects=sorted(subjects), cross_subject=cross_subject, **extra,
     )
+
+
+def evaluate_protocols(
+    learner: torch.nn.Module,
+    patches: Sequence[Mapping[str, Any]],
+    protocols: str | Sequence[str],
+    folds: Mapping[str, Sequence[Sequence[str]]],
+    fold: int,
+    shots: Sequence[int],
+    q_query: int,
+    num_episodes: int,
+    device: str | torch.device,
+    output_dir: str,
+    spatial_size: Sequence[int] = (32, 32, 32),
+    body_coordinates: bool = False,
+    seed: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Meta-test on the classification protocols of :mod:`~monai_metalearn.apps.protocols` (cross-subject,
+    cross-modality) for fold ``fold``; writes ``output_dir/metrics.json``.
+
+    Each protocol's patches (its classes, its support and query subjects) are rendered once
+    (:func:`~monai_metalearn.data.render_patches`, seeded) and scored by :func:`evaluate_shots` on fixed episodes:
+    the same seed gives every learner, and the references, the same episodes. Accuracy is reported over episodes
+    (``accuracy``) and over query subjects (``accuracy_subjects``: mean, ci95, n_subjects).
+
+    Returns:
+        ``{"protocols": {name: metrics}, "fold": fold, ...}``; ``metrics`` as :func:`evaluate_shots` writes them.
+    """
+    from monai_metalearn.apps.protocols import ProtocolError, classification_protocols
+    from monai_metalearn.data import patch_transforms, render_patches
+
+    try:
+        entries = classification_protocols(protocols, patches, folds, fold)
+    except ProtocolError as err:
+        fail(str(err))
+    transform = patch_transforms(spatial_size, body_coordinates=body_coordinates)
+    results: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        subjects = set(entry["support_subjects"]) | set(entry["query_subjects"])
+        chosen = [p for p in patches if p["class"] in entry["classes"] and str(p["subject"]) in subjects]
+        rendered = render_patches(chosen, transform, seed=seed + 2 + i, progress=progress)
+        results[entry["name"]] = evaluate_shots(
+            learner, rendered, entry["classes"], entry["n_way"], shots, q_query, num_episodes, device, output_dir,
+            seed=seed + 100 * i, amp=amp, progress=progress, support_subjects=entry["support_subjects"],
+            query_subjects=entry["query_subjects"], metrics_name=f"metrics_{entry['name']}.json",
+            support_pool=sorted(entry["support_subjects"]), protocol=entry["name"],
+        )
+    out = {"protocols": results, "fold": int(fold), "body_coordinates": bool(body_coordinates), **extra}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "metrics.json").write_text(json.dumps(out, indent=2))
+    return out
 
 
 #: ``python -m monai.bundle run`` arguments that are not config ids.
@@ -445,21 +509,39 @@ def load_task_file(path: str | os.PathLike, data_dir: str | None = None) -> dict
     return task
 
 
-def inference_transforms(spatial_size: Sequence[int] = (32, 32, 32), pixdim: Sequence[float] | None = None):
+def inference_transforms(
+    spatial_size: Sequence[int] = (32, 32, 32), pixdim: Sequence[float] | None = None, body_coordinates: bool = False
+):
     """Loading + patch pipeline for task-file images: checked loading, RAS, optional spacing, crop around the
-    ``mask`` structure when given (else the whole image), resize to ``spatial_size``, z-score."""
+    ``mask`` structure when given (else the whole image), resize to ``spatial_size``, z-score; with
+    ``body_coordinates`` the three body-frame channels of :class:`~monai_metalearn.transforms.BodyCoordinates`
+    (the body box of the whole scan, its intensity kind from the item's ``modality`` / ``intensity`` or inferred)."""
     from monai.transforms import Compose
 
-    load, patch = _inference_stages(spatial_size, pixdim)
+    load, patch = _inference_stages(spatial_size, pixdim, body_coordinates)
     return Compose([load, patch])
 
 
-def _inference_stages(spatial_size: Sequence[int], pixdim: Sequence[float] | None):
+class _AddBodyBox:
+    """Adds ``body_box`` (world box of the body of the whole scan) to a loaded task item."""
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from monai_metalearn.apps.segmentation import item_intensity
+        from monai_metalearn.transforms import body_box, scale_intensity
+
+        d = dict(data)
+        image = d["image"]
+        d["body_box"] = body_box(scale_intensity(image, item_intensity(d, image)), affine=image.affine)
+        return d
+
+
+def _inference_stages(spatial_size: Sequence[int], pixdim: Sequence[float] | None, body_coordinates: bool = False):
     """The two halves of :func:`inference_transforms`: reading a scan (once per file in a task), and cutting one
     patch out of it (once per task item)."""
     from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, Orientationd, Resized, Spacingd
 
     from monai_metalearn.data import LoadScand
+    from monai_metalearn.transforms import BodyCoordinatesd
 
     load = [
         LoadScand(keys=["image", "roi"], allow_missing_keys=True),
@@ -469,12 +551,17 @@ def _inference_stages(spatial_size: Sequence[int], pixdim: Sequence[float] | Non
     if pixdim is not None:
         load.append(Spacingd(keys=["image", "roi"], pixdim=pixdim, mode=["bilinear", "nearest"],
                              allow_missing_keys=True))
+    if body_coordinates:
+        load.append(_AddBodyBox())
     patch = [
         _MaskCrop(spatial_size),
         Resized(keys="image", spatial_size=tuple(spatial_size)),
-        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        EnsureTyped(keys="image", dtype=torch.float32),
         NormalizeIntensityd(keys="image"),
     ]
+    if body_coordinates:
+        patch.append(BodyCoordinatesd(keys="image"))
+    patch.append(EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
     return Compose(load), Compose(patch)
 
 
@@ -519,21 +606,25 @@ def predict_task(
     device: str | torch.device = "cpu",
     data_dir: str | None = None,
     transform: Any = None,
+    body_coordinates: bool = False,
 ) -> dict[str, Any]:
     """Adapts ``learner`` to the task file's support set and writes ``output_dir/predictions.json``.
 
     Args:
         transform: reads one task item ``{"image": path or [paths]}`` into ``{"image": tensor}`` (e.g.
             :func:`monai_metalearn.diagnosis.case_transforms`, the diagnosis pipeline); default the patch pipeline
-            (:func:`inference_transforms` with ``spatial_size`` and ``pixdim``, ``mask`` crops).
+            (:func:`inference_transforms` with ``spatial_size``, ``pixdim`` and ``body_coordinates``, ``mask`` crops).
+        body_coordinates: the learner was trained on patches with body-frame coordinate channels
+            (``patch_transforms(body_coordinates=True)``): give the task's patches the same channels.
 
     Returns:
         ``{"classes": [...], "predictions": [{"id" (when given), "image", "label", "probabilities": {class: p}}]}``.
     """
     from monai_metalearn.data import ScanLoadError
+    from monai_metalearn.transforms import BodyFrameError
 
     task = load_task_file(task_file, data_dir)
-    read, cut = _inference_stages(spatial_size, pixdim)
+    read, cut = _inference_stages(spatial_size, pixdim, body_coordinates)
     classes = sorted({str(it["label"]) for it in task["support"]})
     scans: dict[tuple[str, str | None], dict[str, Any]] = {}  # a scan used by several items is read once
 
@@ -546,12 +637,14 @@ def predict_task(
                     continue
                 key = (_hashable(item["image"]), item.get("mask"))
                 if key not in scans:
-                    scans[key] = read({"image": key[0]} if key[1] is None else {"image": key[0], "roi": key[1]})
+                    entry = {"image": key[0]} if key[1] is None else {"image": key[0], "roi": key[1]}
+                    entry.update({k: item[k] for k in ("modality", "intensity") if item.get(k)})
+                    scans[key] = read(entry)
                 entry = {**scans[key], "name": f"{part}[{i}] {item['image']}"}
                 if key[1] is not None:
                     entry["structure"] = item.get("mask_label")
                 out.append(cut(entry)["image"])
-            except (ScanLoadError, RuntimeError, OSError) as err:
+            except (ScanLoadError, BodyFrameError, RuntimeError, OSError) as err:
                 fail(f"{part}[{i}] {item['image']}: {str(err).splitlines()[0]}")
         return torch.stack([torch.as_tensor(x) for x in out]).to(device)
 

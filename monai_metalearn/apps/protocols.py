@@ -20,12 +20,18 @@ Each protocol entry is a dict ``{"name", "structures", "support_subjects", "quer
 :func:`~monai_metalearn.apps.segmentation.evaluate_segmentation` takes it; balanced episodes take every (structure,
 query subject) pair ``episodes_per_query`` times, each with supports drawn from the support pool.
 
-Classification (N-way K-shot patches, test classes disjoint from training classes; :func:`classification_protocols`):
+Classification (N-way K-shot structure patches, test classes disjoint from training classes, support and query from
+different subjects; :data:`CLASSIFICATION_PROTOCOLS`, :func:`classification_protocols`):
 
-* ``btcv_cross_subject``: BTCV organs of test-fold subjects, support and query from different subjects;
-* ``lpba40_cross_subject``: LPBA40 regions across subjects;
-* ``acdc_cross_subject``: the three ACDC structures across patients (3-way: ACDC has three);
-* ``ct_to_mr``: BTCV CT support, CHAOS MR query, liver / spleen / kidneys (4-way: CHAOS has four organs).
+* ``btcv_cross_subject``: 5-way over :data:`BTCV_CLASSIFICATION_TEST` (the abdominal four and the gallbladder) in the
+  fold's BTCV test subjects;
+* ``lpba40_cross_subject``: 5-way over :data:`LPBA40_TEST_STRUCTURES` in the fold's LPBA40 test subjects;
+* ``acdc_cross_subject``: the three ACDC structures across all 30 patients (3-way: ACDC has three);
+* ``ct_to_mr``: BTCV CT support (the fold's test subjects), CHAOS MR query, liver / spleen / kidneys (4-way: CHAOS
+  has four organs).
+
+Meta-training (:func:`classification_training_subjects`) uses the other classes (:data:`CLASSIFICATION_TRAIN_CLASSES`)
+of the training-fold subjects of BTCV and LPBA40 only; CHAOS and ACDC are never trained on.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ __all__ = [
     "fold_split",
     "ignored_structures",
     "segmentation_protocols",
+    "BTCV_CLASSIFICATION_TEST",
+    "CLASSIFICATION_PROTOCOLS",
+    "CLASSIFICATION_TRAIN_CLASSES",
+    "classification_protocols",
+    "classification_training_subjects",
 ]
 
 #: Test organs of the abdominal protocol (SSL-ALPNet's four).
@@ -66,6 +77,34 @@ SEGMENTATION_PROTOCOLS = {
     "heart": ("heart",),
     "brain": ("brain",),
 }
+
+#: BTCV organs of the classification protocols (5-way: the abdominal four and the gallbladder).
+BTCV_CLASSIFICATION_TEST = ABDOMINAL_TEST_ORGANS + ("gallbladder",)
+#: Classification protocol name -> support source, query source, test classes, N of the N-way episodes.
+CLASSIFICATION_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "btcv_cross_subject": {"support_source": "btcv_sabs", "query_source": "btcv_sabs",
+                           "classes": BTCV_CLASSIFICATION_TEST, "n_way": 5},
+    "lpba40_cross_subject": {"support_source": "lpba40", "query_source": "lpba40",
+                             "classes": LPBA40_TEST_STRUCTURES, "n_way": 5},
+    "acdc_cross_subject": {"support_source": "acdc", "query_source": "acdc", "classes": HEART_STRUCTURES, "n_way": 3},
+    "ct_to_mr": {"support_source": "btcv_sabs", "query_source": "chaos_t2", "classes": ABDOMINAL_TEST_ORGANS,
+                 "n_way": 4},
+}
+
+
+def _classification_train_classes() -> dict[str, list[str]]:
+    from monai_metalearn.data.names import BTCV_NAMES, LPBA40_NAMES
+
+    tested = {c for p in CLASSIFICATION_PROTOCOLS.values() for c in p["classes"]}
+    return {
+        "btcv_sabs": [n for _, n in sorted(BTCV_NAMES.items()) if n not in tested],
+        "lpba40": [n for _, n in sorted(LPBA40_NAMES.items()) if n not in tested],
+    }
+
+
+#: The meta-training classes of the classification protocols per training source: every other BTCV organ and LPBA40
+#: structure (none is a test class of any protocol).
+CLASSIFICATION_TRAIN_CLASSES: dict[str, list[str]] = {}  # filled below, once the names are importable
 
 
 class ProtocolError(ValueError):
@@ -229,3 +268,72 @@ def segmentation_protocols(
             out.append({"name": entry, "structures": list(structures), "support_subjects": sup,
                         "query_subjects": qry, "num_episodes": len(structures) * len(qry) * int(episodes_per_query)})
     return out
+
+
+def classification_training_subjects(
+    subjects: Sequence[Mapping[str, Any]], folds: Mapping[str, Sequence[Sequence[str]]], fold: int
+) -> list[str]:
+    """The subjects whose training classes meta-train fold ``fold``: the sources with folds (BTCV, LPBA40), minus the
+    fold's test subjects. Sources without folds (CHAOS, ACDC) are test-only and give none.
+
+    Args:
+        subjects: items (patches or datalist items) with ``subject`` and ``source``.
+        folds: ``{source: [[test subjects of fold 0], ...]}``.
+        fold: the fold index.
+
+    Raises:
+        ProtocolError: fold out of range, or a folded source with no subject among ``subjects``.
+    """
+    have = _by_source(subjects)
+    folds = check_folds(folds, [s for subs in have.values() for s in subs])
+    missing = [src for src in folds if src not in have]
+    if missing:
+        raise ProtocolError(f"the folds list source(s) {missing}, which have no subject among the loaded items "
+                            f"(sources: {sorted(have)})")
+    return sorted(fold_split(folds, fold, {src: have[src] for src in folds})["train"])
+
+
+def classification_protocols(
+    protocol: str | Sequence[str],
+    subjects: Sequence[Mapping[str, Any]],
+    folds: Mapping[str, Sequence[Sequence[str]]],
+    fold: int,
+) -> list[dict[str, Any]]:
+    """The classification protocol entries of ``protocol`` (a name of :data:`CLASSIFICATION_PROTOCOLS`, ``"all"`` or
+    a list) for fold ``fold``: ``{"name", "classes", "n_way", "support_subjects", "query_subjects"}``.
+
+    A source with folds contributes the fold's test subjects; a source without folds (CHAOS, ACDC: never trained on)
+    all its subjects. Support and query are always different subjects (cross-subject episodes).
+
+    Raises:
+        ProtocolError: unknown protocol, a source not among ``subjects``, fold out of range.
+    """
+    names = list(CLASSIFICATION_PROTOCOLS) if protocol == "all" else (
+        [protocol] if isinstance(protocol, str) else list(protocol))
+    unknown = [n for n in names if n not in CLASSIFICATION_PROTOCOLS]
+    if unknown:
+        raise ProtocolError(f"unknown classification protocol {unknown}; choose from "
+                            f"{sorted(CLASSIFICATION_PROTOCOLS)} or 'all'")
+    have = _by_source(subjects)
+    folds = check_folds(folds, [s for subs in have.values() for s in subs])
+
+    def pool(source: str, name: str) -> list[str]:
+        if source not in have:
+            raise ProtocolError(f"classification protocol {name!r} needs source {source!r}, which is not among the "
+                                f"loaded subjects (sources: {sorted(have)})")
+        if source not in folds:
+            return have[source]
+        if not 0 <= int(fold) < len(folds[source]):
+            raise ProtocolError(f"fold {fold} is out of range: {source!r} has {len(folds[source])} folds")
+        return [s for s in have[source] if s in set(folds[source][int(fold)])]
+
+    out = []
+    for name in names:
+        spec = CLASSIFICATION_PROTOCOLS[name]
+        out.append({"name": name, "classes": list(spec["classes"]), "n_way": int(spec["n_way"]),
+                    "support_subjects": pool(spec["support_source"], name),
+                    "query_subjects": pool(spec["query_source"], name)})
+    return out
+
+
+CLASSIFICATION_TRAIN_CLASSES.update(_classification_train_classes())

@@ -101,6 +101,8 @@ class ClassificationEpisodeDataset(TorchDataset):
         class_key, subject_key, image_key: keys of class name, subject id and image in the items.
         cross_subject: support and query never share a subject.
         seed: episodes and the random transforms inside them are functions of ``(seed, episode index)``.
+        support_subjects, query_subjects: with ``cross_subject``, the subjects allowed on each side (e.g. CT support,
+            MR query); see :class:`~monai_metalearn.data.EpisodeSampler`.
 
     Raises:
         ValueError / KeyError: from :class:`EpisodeSampler` (too few examples, too many ways, ...) and when an
@@ -126,6 +128,8 @@ class ClassificationEpisodeDataset(TorchDataset):
         image_key: str = "image",
         cross_subject: bool = False,
         seed: int = 0,
+        support_subjects: Sequence[Hashable] | None = None,
+        query_subjects: Sequence[Hashable] | None = None,
     ) -> None:
         self.data = data
         raw = _raw_items(data)
@@ -136,7 +140,7 @@ class ClassificationEpisodeDataset(TorchDataset):
         subjects = [item.get(subject_key, f"item{i}") for i, item in enumerate(raw)]
         self.sampler = EpisodeSampler(
             [item[class_key] for item in raw], n_way, k_shot, q_query, subjects=subjects, classes=classes,
-            cross_subject=cross_subject, seed=seed,
+            cross_subject=cross_subject, seed=seed, support_subjects=support_subjects, query_subjects=query_subjects,
         )
         self.subjects = subjects
         self.num_episodes = int(num_episodes)

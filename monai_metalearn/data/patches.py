@@ -65,7 +65,9 @@ def build_structure_patches(
     Returns:
         list of dicts: ``label`` (multi-label crop, uint8/int16 tensor ``[1, ...]`` with affine), ``image`` (crop,
         absent for label-only subjects), ``class``, ``structure_id``, ``structures``, ``subject``, ``modality``,
-        ``source``, ``synthetic``, ``view``.
+        ``source``, ``synthetic``, ``view``, ``body_box`` (the world box of the subject's body,
+        :func:`~monai_metalearn.transforms.body_box`: of the intensity-scaled image, or of ``label > 0`` for
+        label-only subjects; what :func:`patch_transforms` with ``body_coordinates=True`` needs).
 
     Raises:
         ValueError: unknown structure names; a structure listed in an item's ``structures`` but with fewer than
@@ -73,7 +75,7 @@ def build_structure_patches(
     """
     from tqdm.auto import tqdm
 
-    from monai_metalearn.transforms import CropStructure
+    from monai_metalearn.transforms import CropStructure, body_box, scale_intensity
 
     if n_views < 1:
         raise ValueError(f"n_views must be >= 1, got {n_views}.")
@@ -93,6 +95,10 @@ def build_structure_patches(
         label = loaded["label"]
         label = label.to(torch.int16) if float(label.max()) > 255 else label.to(torch.uint8)
         image = loaded.get("image")
+        if image is not None:
+            box = body_box(scale_intensity(image, item.get("intensity")), affine=label.affine)
+        else:
+            box = body_box(label, affine=label.affine, mask=label > 0)
         for s in present:
             sid = item["structures"][s]
             ids = list(sid) if isinstance(sid, (list, tuple)) else [sid]
@@ -120,6 +126,7 @@ def build_structure_patches(
                     "source": item.get("source"),
                     "synthetic": bool(item.get("synthetic", False)),
                     "view": view,
+                    "body_box": box,
                 }
                 if img_c is not None:
                     ex["image"] = img_c
@@ -143,6 +150,7 @@ def patch_transforms(
     scale_range: tuple[float, float] = (0.9, 1.2),
     synthesize: bool = True,
     augment: bool = True,
+    body_coordinates: bool = False,
 ):
     """The random part of the organ-patch pipeline, for a MONAI ``Dataset``/``CacheDataset`` over
     :func:`build_structure_patches` output.
@@ -158,10 +166,13 @@ def patch_transforms(
         scale_range: random scaling of the box.
         synthesize: synthesize images for examples without one (else such examples raise ``KeyError``).
         augment: random jitter/scale (False: the centred box, e.g. for inference).
+        body_coordinates: append the three body-frame coordinate channels
+            (:class:`~monai_metalearn.transforms.BodyCoordinatesd`, from each item's ``body_box``) after z-scoring:
+            the patch becomes ``[4, *spatial_size]`` and says where it lies in the body and how large it is.
     """
     from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd
 
-    from monai_metalearn.transforms import CropStructured, RandCropStructured, RandSynthesizeImaged
+    from monai_metalearn.transforms import BodyCoordinatesd, CropStructured, RandCropStructured, RandSynthesizeImaged
 
     crop_kwargs = dict(
         keys=["image", "label"], label_key="label", structure_key="structure_id", spatial_size=tuple(spatial_size),
@@ -175,10 +186,10 @@ def patch_transforms(
     steps = [crop]
     if synthesize:
         steps.append(RandSynthesizeImaged(keys="label", image_key="image", only_if_missing=True))
-    steps += [
-        EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
-        NormalizeIntensityd(keys="image"),
-    ]
+    steps.append(NormalizeIntensityd(keys="image"))
+    if body_coordinates:
+        steps.append(BodyCoordinatesd(keys="image"))
+    steps.append(EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
 

@@ -51,6 +51,9 @@ class EpisodeSampler:
         classes: restrict episodes to these classes (e.g. one split); default: all classes in ``labels``.
         cross_subject: if True, no subject appears in both the support and the query set of an episode.
         seed: episodes are a function of ``(seed, index)`` only.
+        support_subjects, query_subjects: cross-subject only: the subjects whose examples may be support (resp.
+            query) examples, e.g. CT subjects as support and MR subjects as query; a subject in both pools takes a
+            random side per episode, a subject in neither is never used. ``None``: every subject.
 
     Raises:
         ValueError: ``n_way``/``k_shot``/``q_query`` below 1, ``labels`` and ``subjects`` of different
@@ -74,6 +77,8 @@ class EpisodeSampler:
         classes: Sequence[Hashable] | None = None,
         cross_subject: bool = False,
         seed: int = 0,
+        support_subjects: Sequence[Hashable] | None = None,
+        query_subjects: Sequence[Hashable] | None = None,
     ) -> None:
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("q_query", q_query)):
             if int(value) != value or value < 1:
@@ -87,9 +92,20 @@ class EpisodeSampler:
         self.subjects = list(subjects) if subjects is not None else None
         self.cross_subject = bool(cross_subject)
         self.seed = int(seed)
+        if (support_subjects is not None or query_subjects is not None) and not self.cross_subject:
+            raise ValueError("support_subjects / query_subjects restrict the sides of a cross-subject episode: "
+                             "set cross_subject=True.")
+        known = set(self.subjects or ())
+        for name, pool in (("support_subjects", support_subjects), ("query_subjects", query_subjects)):
+            if pool is not None and not set(pool) & known:
+                raise ValueError(f"{name} holds none of the examples' subjects: {sorted(map(str, pool))[:8]}")
+        self.support_pool = None if support_subjects is None else set(support_subjects)
+        self.query_pool = None if query_subjects is None else set(query_subjects)
 
         by_class: dict[Hashable, list[int]] = defaultdict(list)
         for i, c in enumerate(self.labels):
+            if self.cross_subject and not self._usable(self.subjects[i]):  # type: ignore[index]
+                continue
             by_class[c].append(i)
         if classes is None:
             classes = sorted(by_class, key=str)
@@ -122,7 +138,7 @@ class EpisodeSampler:
             bad = {}
             for c, ix in self.index.items():
                 per_subject = self._per_subject(ix)
-                if not self._class_feasible([len(v) for v in per_subject.values()]):
+                if not self._class_feasible(per_subject):
                     bad[c] = dict(sorted((str(s), len(v)) for s, v in per_subject.items()))
             if bad:
                 raise ValueError(
@@ -137,13 +153,27 @@ class EpisodeSampler:
             out[self.subjects[i]].append(i)  # type: ignore[index]
         return out
 
-    def _class_feasible(self, counts: list[int]) -> bool:
-        """Whether some split of the subjects gives >= K examples on one side and >= Q on the other."""
+    def _usable(self, subject: Hashable) -> bool:
+        return (self.support_pool is None or subject in self.support_pool) or (
+            self.query_pool is None or subject in self.query_pool)
+
+    def _forced_side(self, subject: Hashable) -> bool | None:
+        """True: support only; False: query only; None: either (its side is drawn per episode)."""
+        can_support = self.support_pool is None or subject in self.support_pool
+        can_query = self.query_pool is None or subject in self.query_pool
+        return None if can_support and can_query else can_support
+
+    def _class_feasible(self, per_subject: Mapping[Hashable, list[int]]) -> bool:
+        """Whether some split of the subjects gives >= K examples on the support side and >= Q on the query side
+        (subjects restricted to one pool stay on their side)."""
+        forced_s = sum(len(v) for s, v in per_subject.items() if self._forced_side(s) is True)
+        forced_q = sum(len(v) for s, v in per_subject.items() if self._forced_side(s) is False)
+        free = [len(v) for s, v in per_subject.items() if self._forced_side(s) is None]
         reachable = {0}
-        for n in counts:  # subset sums of per-subject counts (small numbers of subjects)
+        for n in free:  # subset sums of per-subject counts (small numbers of subjects)
             reachable |= {r + n for r in reachable}
-        total = sum(counts)
-        return any(r >= self.k_shot and total - r >= self.q_query for r in reachable)
+        total = sum(free)
+        return any(r + forced_s >= self.k_shot and total - r + forced_q >= self.q_query for r in reachable)
 
     # ------------------------------------------------------------------ sampling
     def __len__(self) -> int:
@@ -189,6 +219,10 @@ class EpisodeSampler:
         for _ in range(_MAX_PARTITION_TRIES):
             p = rng.uniform(0.2, 0.8)
             side = dict(zip(involved, rng.random(len(involved)) < p))
+            for subject in involved:
+                forced = self._forced_side(subject)
+                if forced is not None:
+                    side[subject] = forced
             support, query = [], []
             for c in chosen:
                 s_ix = [i for i in self.index[c] if side[self.subjects[i]]]  # type: ignore[index]

@@ -18,7 +18,7 @@ from monai_metalearn.engines.utils import (
     is_meta_batch,
     resolve_amp_dtype,
 )
-from monai_metalearn.metrics import EpisodeAccuracy, EpisodeDice, binary_dice, mean_ci95, slab_dice, summarize
+from monai_metalearn.metrics import EpisodeAccuracy, EpisodeDice, binary_dice, mean_ci95, mean_ci95_subjects, slab_dice, summarize
 
 if TYPE_CHECKING:
     from ignite.engine import EventEnum
@@ -91,6 +91,10 @@ class MetaEvaluator(Evaluator):
             scored, e.g. ``KeepLargestConnectedComponent`` per sample
             (:func:`~monai_metalearn.apps.segmentation.largest_component`); the record then also holds ``dice_raw``,
             the Dice before it.
+
+    Classification episodes that name their query subjects (``query_subject``, one per query example) also give
+    ``state.summary["accuracy_subjects"]``: each query subject's accuracy over all its query examples, then the mean
+    and 95% interval over those subjects and their number (how a new subject would fare).
 
     ``engine.state.episode_records`` holds one dict per episode: its value, ``structure`` (segmentation) and the
     support / query subjects when the episode names them; for segmentation also ``dice_slab`` (Dice on the slices of
@@ -188,6 +192,8 @@ class MetaEvaluator(Evaluator):
         self.state.summary = {}
         self._group_values: dict[str, list[float]] = defaultdict(list)
         self._group_counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self._query_correct: list[float] = []
+        self._query_subjects: list[str] = []
 
     def _register_internal_handlers(self) -> None:
         """Reset the records at ``STARTED`` and summarize them at ``EPOCH_COMPLETED``, before the ``val_handlers``
@@ -250,6 +256,9 @@ class MetaEvaluator(Evaluator):
             self.state.per_class_counts = {
                 k: {"correct": c, "total": t} for k, (c, t) in sorted(self._group_counts.items())
             }
+            if self._query_subjects:  # each query subject's accuracy first, then the interval over subjects
+                self.state.summary["accuracy_subjects"] = mean_ci95_subjects(self._query_correct,
+                                                                             self._query_subjects)
 
     # ------------------------------------------------------------------------------------------------ iteration
     def _score(self, logits: torch.Tensor, qy: torch.Tensor, episode: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,6 +280,10 @@ class MetaEvaluator(Evaluator):
                 counts = self._group_counts[name]
                 counts[0] += n_ok
                 counts[1] += n
+            subjects = episode.get("query_subject")
+            if isinstance(subjects, (list, tuple)) and len(subjects) == len(target):
+                self._query_correct += correct.float().tolist()
+                self._query_subjects += [str(s) for s in subjects]
         else:
             target = qy if qy.ndim == logits.ndim else qy.unsqueeze(1)
             target = (target > 0).long()

@@ -25,6 +25,13 @@ from monai_metalearn.transforms.intensity import (
     infer_intensity,
     scale_intensity,
 )
+from monai_metalearn.transforms.coordinates import (
+    BodyCoordinates,
+    BodyCoordinatesd,
+    BodyFrameError,
+    body_box,
+    body_coordinates,
+)
 from monai_metalearn.transforms.dictionary import (
     CropStructured,
     CropStructureD,
@@ -44,6 +51,12 @@ from monai_metalearn.transforms.dictionary import (
 )
 
 __all__ = [
+    # body-frame coordinates
+    "BodyCoordinates",
+    "BodyCoordinatesd",
+    "BodyFrameError",
+    "body_box",
+    "body_coordinates",
     # array
     "StructureSpec",
     "resolve_structure",
