@@ -104,7 +104,7 @@ def _classification_train_classes() -> dict[str, list[str]]:
 
 #: The meta-training classes of the classification protocols per training source: every other BTCV organ and LPBA40
 #: structure (none is a test class of any protocol).
-CLASSIFICATION_TRAIN_CLASSES: dict[str, list[str]] = {}  # filled below, once the names are importable
+CLASSIFICATION_TRAIN_CLASSES: dict[str, list[str]] = _classification_train_classes()
 
 
 class ProtocolError(ValueError):
@@ -335,5 +335,3 @@ def classification_protocols(
                     "query_subjects": pool(spec["query_source"], name)})
     return out
 
-
-CLASSIFICATION_TRAIN_CLASSES.update(_classification_train_classes())
