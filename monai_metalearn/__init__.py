@@ -11,7 +11,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("apps", "data", "engines", "learners", "metrics", "networks", "transforms")
+_SUBPACKAGES = ("apps", "cli", "data", "engines", "errors", "learners", "metrics", "networks", "transforms")
 
 __all__ = ["__version__", *_SUBPACKAGES]
 

@@ -301,11 +301,13 @@ def main(task: str = "segmentation", **kwargs: Any) -> dict[str, Any]:
 if __name__ == "__main__":
     import fire
 
+    from monai_metalearn.errors import MetaLearnError
+
     logging.getLogger("ignite").setLevel(logging.WARNING)
     def cli(**kwargs: Any) -> None:
         try:
             main(**kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as err:
+        except (MetaLearnError, ValueError, FileNotFoundError, KeyError) as err:
             raise SystemExit(f"monai-metalearn: error: {err}") from None
 
     cli.__doc__ = main.__doc__

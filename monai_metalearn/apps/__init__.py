@@ -1,5 +1,5 @@
 """Applications: the glue between the library and the bundles, demo and tutorials."""
 
-from monai_metalearn.apps import classification
+from monai_metalearn.apps import classification, protocols
 
-__all__ = ["classification"]
+__all__ = ["classification", "protocols"]

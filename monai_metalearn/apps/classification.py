@@ -16,6 +16,15 @@ from typing import Any, NoReturn
 
 import torch
 
+from monai_metalearn.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MetaLearnError,
+    MissingFileError,
+    TaskFileError,
+)
+
 __all__ = [
     "fail",
     "check_data_dir",
@@ -38,24 +47,27 @@ __all__ = [
 ]
 
 
-def fail(message: str) -> NoReturn:
-    """Stops a bundle run with a one-line message (``SystemExit``: no traceback, exit status 1)."""
-    raise SystemExit(f"monai-metalearn: error: {message}")
+def fail(message: str, error: type[MetaLearnError] = ConfigError) -> NoReturn:
+    """Raises ``error(message)``: a typed :mod:`monai_metalearn.errors` exception naming what is wrong. The bundle
+    entry points print it as one line (:func:`monai_metalearn.cli.one_line_errors`); Python callers catch it."""
+    raise error(message)
 
 
 def check_data_dir(path: str | os.PathLike | None) -> str:
     """``path`` as a string if it is a folder, else a one-line error naming it and ``MONAI_DATA_DIRECTORY``."""
     if path is None or str(path) in ("", "None"):
-        fail("no data_dir: set MONAI_DATA_DIRECTORY or pass --data_dir /path/to/data")
+        fail("no data_dir: set MONAI_DATA_DIRECTORY or pass --data_dir /path/to/data", MissingFileError)
     if not Path(path).is_dir():
-        fail(f"data_dir {str(path)!r} is not a folder: set MONAI_DATA_DIRECTORY or pass --data_dir /path/to/data")
+        fail(f"data_dir {str(path)!r} is not a folder: set MONAI_DATA_DIRECTORY or pass --data_dir /path/to/data",
+            MissingFileError)
     return str(path)
 
 
 def check_checkpoint(path: str | os.PathLike) -> str:
     """``path`` if the checkpoint file exists, else a one-line error (train first, or pass --ckpt_path)."""
     if not Path(path).is_file():
-        fail(f"checkpoint {str(path)!r} not found: run train.json first or pass --ckpt_path /path/to/model.pt")
+        fail(f"checkpoint {str(path)!r} not found: run train.json first or pass --ckpt_path /path/to/model.pt",
+            MissingFileError)
     return str(path)
 
 
@@ -65,11 +77,11 @@ def check_class_splits(**splits: Sequence[str]) -> dict[str, list[str]]:
 
     for name, classes in splits.items():
         if not classes:
-            fail(f"class split {name!r} is empty")
+            fail(f"class split {name!r} is empty", ConfigError)
     try:
         check_disjoint_splits(splits)
     except ValueError as err:
-        fail(str(err))
+        fail(str(err), ConfigError)
     return {k: list(v) for k, v in splits.items()}
 
 
@@ -103,7 +115,7 @@ def load_structure_patches(
     check_data_dir(data_dir)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
-        fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}")
+        fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}", DataError)
     datalist = [item for name in sources for item in load_datalist(name, data_dir)]
     cache_file = None
     if cache_dir is not None:
@@ -113,7 +125,7 @@ def load_structure_patches(
         try:
             return build_structure_patches(datalist, structures, pixdim=pixdim, n_views=n_views, progress=progress)
         except ValueError as err:
-            fail(str(err))
+            fail(str(err), DataError)
 
     return cached(cache_file, build)
 
@@ -203,17 +215,17 @@ def build_learner(
 
     key = learner_key(name)
     if key not in LEARNERS:
-        fail(f"unknown learner_name {name!r}; choose one of {sorted(LEARNERS)}")
+        fail(f"unknown learner_name {name!r}; choose one of {sorted(LEARNERS)}", ConfigError)
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
     cls = LEARNERS[key][0]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "encoder"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}")
+        fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}", ConfigError)
     try:
         return create_learner(key, encoder, feature_dim, n_way, n_base_classes=len(train_classes), **kwargs)
     except (TypeError, ValueError) as err:
-        fail(f"learner {key!r}: {err}")
+        fail(f"learner {key!r}: {err}", ConfigError)
 
 
 def prepare_episode_for(name: str, train_classes: Sequence[str]):
@@ -232,7 +244,7 @@ def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.d
     try:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch file
-        fail(f"checkpoint {ckpt_path!r} cannot be read: {str(err).splitlines()[0]}")
+        fail(f"checkpoint {ckpt_path!r} cannot be read: {str(err).splitlines()[0]}", CheckpointError)
     if isinstance(state, Mapping) and "learner" in state:
         state = state["learner"]
     try:
@@ -240,7 +252,7 @@ def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.d
     except RuntimeError as err:
         first = " ".join(str(err).split())[:300]
         fail(f"checkpoint {ckpt_path!r} does not fit learner {type(learner).__name__} (was it trained with another "
-             f"learner_name or features?): {first}")
+             f"learner_name or features?): {first}", CheckpointError)
     return learner.to(device)
 
 
@@ -281,7 +293,7 @@ def evaluate_shots(
     from monai_metalearn.engines import MetaEvaluator
 
     if n_way > len(classes):
-        fail(f"n_way={n_way} but only {len(classes)} test classes: {list(classes)}")
+        fail(f"n_way={n_way} but only {len(classes)} test classes: {list(classes)}", ConfigError)
     evaluators = {}
     subjects: set[str] = set()
     for k in shots:
@@ -292,7 +304,7 @@ def evaluate_shots(
                 support_subjects=support_subjects, query_subjects=query_subjects,
             )
         except ValueError as err:
-            fail(str(err))
+            fail(str(err), DataError)
         evaluator = MetaEvaluator(
             device=device, val_data_loader=episode_loader(episodes, num_workers=num_workers), learner=learner,
             amp=amp, progress=progress, val_handlers=[StatsHandler(iteration_log=False, name=f"evaluate_{k}shot")],
@@ -348,7 +360,7 @@ def evaluate_protocols(
     try:
         entries = classification_protocols(protocols, patches, folds, fold)
     except ProtocolError as err:
-        fail(str(err))
+        fail(str(err), ConfigError)
     transform = patch_transforms(spatial_size, body_coordinates=body_coordinates)
     results: dict[str, Any] = {}
     for i, entry in enumerate(entries):
@@ -420,7 +432,7 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
             continue
         close = difflib.get_close_matches(norm, sorted(i for i in ids if "#" not in i), n=3)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
-        fail(f"unknown config key --{key} (not in {files}){hint}")
+        fail(f"unknown config key --{key} (not in {files}){hint}", ConfigError)
 
 
 def _config_file_list(files: str) -> list[str]:
@@ -447,15 +459,15 @@ def read_task_file(
     ``data_dir``. Exits with a one-line error naming the item and file otherwise."""
     path = Path(path)
     if not path.is_file():
-        fail(f"task_file {str(path)!r} not found")
+        fail(f"task_file {str(path)!r} not found", MissingFileError)
     try:
         task = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        fail(f"task_file {str(path)!r} is not valid JSON: {err}")
+        fail(f"task_file {str(path)!r} is not valid JSON: {err}", TaskFileError)
     if not isinstance(task, dict) or not task.get("support"):
-        fail(f"task_file {str(path)!r} has no support examples (expected {expected})")
+        fail(f"task_file {str(path)!r} has no support examples (expected {expected})", TaskFileError)
     if not task.get("query"):
-        fail(f"task_file {str(path)!r} has no query images")
+        fail(f"task_file {str(path)!r} has no query images", TaskFileError)
     bases = [path.parent] + ([Path(data_dir)] if data_dir else [])
 
     def resolve(p: str, where: str) -> str:
@@ -463,21 +475,22 @@ def read_task_file(
             cand = Path(p) if Path(p).is_absolute() else base / p
             if cand.exists():
                 return str(cand)
-        fail(f"{where}: file {p!r} not found (relative to {', '.join(str(b) for b in bases)})")
+        fail(f"{where}: file {p!r} not found (relative to {', '.join(str(b) for b in bases)})", MissingFileError)
 
     for part, keys in (("support", support_files), ("query", query_files)):
         for i, item in enumerate(task[part]):
             if not isinstance(item, dict) or "image" not in item:
-                fail(f"task_file {part}[{i}] has no 'image'")
+                fail(f"task_file {part}[{i}] has no 'image'", TaskFileError)
             if part == "support" and "label" not in item:
-                fail(f"task_file support[{i}] ({item['image']}) has no 'label'")
+                fail(f"task_file support[{i}] ({item['image']}) has no 'label'", TaskFileError)
             for key in keys:
                 if key not in item:
                     continue
                 where = f"{part}[{i}]" + ("" if key == "image" else f" {key}")
                 if isinstance(item[key], list):  # several images of one case (cardiac phases, MR sequences)
                     if not item[key] or not all(isinstance(p, str) for p in item[key]):
-                        fail(f"{where}: {key!r} must be a path or a non-empty list of paths, got {item[key]!r}")
+                        fail(f"{where}: {key!r} must be a path or a non-empty list of paths, got {item[key]!r}",
+                            TaskFileError)
                     item[key] = [resolve(p, where) for p in item[key]]
                 else:
                     item[key] = resolve(item[key], where)
@@ -505,7 +518,8 @@ def load_task_file(path: str | os.PathLike, data_dir: str | None = None) -> dict
                           expected="{'support': [{'image', 'label'}], 'query': [{'image'}]}")
     labels = sorted({str(it["label"]) for it in task["support"]})
     if len(labels) < 2:
-        fail(f"task_file support has {len(labels)} class ({labels}): a few-shot task needs at least 2 classes")
+        fail(f"task_file support has {len(labels)} class ({labels}): a few-shot task needs at least 2 classes",
+            TaskFileError)
     return task
 
 
@@ -589,7 +603,7 @@ class _MaskCrop:
         try:
             d["image"], _ = CropStructure(structure=int(structure), margin=self.margin)(d["image"], roi)
         except ValueError as err:
-            fail(f"{d.get('name', 'image')}: {err}")
+            fail(f"{d.get('name', 'image')}: {err}", DataError)
         return d
 
 
@@ -645,7 +659,7 @@ def predict_task(
                     entry["structure"] = item.get("mask_label")
                 out.append(cut(entry)["image"])
             except (ScanLoadError, BodyFrameError, RuntimeError, OSError) as err:
-                fail(f"{part}[{i}] {item['image']}: {str(err).splitlines()[0]}")
+                fail(f"{part}[{i}] {item['image']}: {str(err).splitlines()[0]}", DataError)
         return torch.stack([torch.as_tensor(x) for x in out]).to(device)
 
     sx, qx = load(task["support"], "support"), load(task["query"], "query")
@@ -661,7 +675,8 @@ def predict_task(
         with torch.enable_grad():
             predictor = learner.adapt(sx, sy)
     except ValueError as err:
-        fail(f"cannot adapt to the support set of {task_file}: {err} (the task has {len(classes)} classes)")
+        fail(f"cannot adapt to the support set of {task_file}: {err} (the task has {len(classes)} classes)",
+            TaskFileError)
     finally:
         if flexible:
             learner.n_way = saved_n_way
@@ -669,7 +684,8 @@ def predict_task(
         logits = predictor(qx).float()
     if logits.shape[1] < len(classes):
         fail(f"the task has {len(classes)} classes but the model was trained {logits.shape[1]}-way: use at most "
-             f"{logits.shape[1]} labels, or a learner without a fixed head (protonet, matching, finetune)")
+             f"{logits.shape[1]} labels, or a learner without a fixed head (protonet, matching, finetune)",
+                 TaskFileError)
     probs = torch.softmax(logits[:, : len(classes)], dim=1).cpu()
     preds = [
         {

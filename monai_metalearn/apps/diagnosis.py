@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from monai_metalearn.errors import ConfigError
+
 __all__ = ["DiagnosisSplitError", "diagnosis_split", "evaluate_diagnosis"]
 
 
-class DiagnosisSplitError(ValueError):
+class DiagnosisSplitError(ConfigError):
     """The diagnosis fold or held-out condition does not fit the cases (names the value and what exists)."""
 
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from monai_metalearn.errors import ConfigError
+
 __all__ = [
     "ABDOMINAL_TEST_ORGANS",
     "BTCV_TRAIN_ORGANS",
@@ -107,7 +109,7 @@ def _classification_train_classes() -> dict[str, list[str]]:
 CLASSIFICATION_TRAIN_CLASSES: dict[str, list[str]] = _classification_train_classes()
 
 
-class ProtocolError(ValueError):
+class ProtocolError(ConfigError):
     """A protocol, fold list or split that cannot be evaluated as asked (names what is wrong)."""
 
 

@@ -42,6 +42,7 @@ from monai_metalearn.apps.classification import (
     fail,
     read_task_file,
 )
+from monai_metalearn.errors import ConfigError, DataError, TaskFileError
 
 __all__ = [
     "CT_WINDOW",
@@ -174,21 +175,21 @@ def load_segmentation_subjects(
     check_data_dir(data_dir)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
-        fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}")
+        fail(f"unknown sources {unknown}; known: {sorted(SOURCES)}", DataError)
     options = {k: dict(v) for k, v in (source_options or {}).items()}
     datalist = []
     for name in sources:
         try:
             datalist += load_datalist(name, data_dir, **options.get(name, {}))
         except (FileNotFoundError, ValueError, TypeError) as err:
-            fail(f"source {name!r}: {err}")
+            fail(f"source {name!r}: {err}", DataError)
     if subjects is not None:
         keep = {str(s) for s in subjects}
         datalist = [item for item in datalist if str(item.get("subject")) in keep]
     known = set().union(*(item.get("structures", {}) for item in datalist)) if datalist else set()
     missing = [s for s in structures if s not in known]
     if missing:
-        fail(f"structures {missing} are in none of the sources {list(sources)}")
+        fail(f"structures {missing} are in none of the sources {list(sources)}", DataError)
     spacing = {name: (list(source_pixdim[name]) if source_pixdim and name in source_pixdim else pixdim)
                for name in sources}
     cache_file = None
@@ -214,7 +215,7 @@ def _read_subjects(datalist, structures, spacing, progress, min_voxels) -> list[
         try:
             loaded = scan_reader(keys, pixdim)({k: item[k] for k in keys})
         except (ScanLoadError, RuntimeError) as err:
-            fail(f"subject {item.get('subject')!r}: {_reason(err)}")
+            fail(f"subject {item.get('subject')!r}: {_reason(err)}", DataError)
         label = loaded["label"].as_tensor().round().to(torch.int16)
         kept, dropped = {}, []
         for s, sid in present.items():
@@ -261,11 +262,11 @@ def fold_train_subjects(
             by_source[str(item["source"])].append(str(item["subject"]))
     empty = [src for src, subs in by_source.items() if not subs]
     if empty:
-        fail(f"train_sources {empty} have no loaded subject: add them to sources")
+        fail(f"train_sources {empty} have no loaded subject: add them to sources", ConfigError)
     try:
         return fold_split(folds, fold, by_source)["train"]
     except ProtocolError as err:
-        fail(str(err))
+        fail(str(err), ConfigError)
 
 
 def segmentation_protocols(protocol: Any, subjects: Sequence[Mapping[str, Any]], folds: Mapping[str, Any],
@@ -276,7 +277,7 @@ def segmentation_protocols(protocol: Any, subjects: Sequence[Mapping[str, Any]],
     try:
         return protocols.segmentation_protocols(protocol, subjects, folds, fold, episodes_per_query, k_shot)
     except protocols.ProtocolError as err:
-        fail(str(err))
+        fail(str(err), ConfigError)
 
 
 def subject_transforms():
@@ -417,7 +418,7 @@ def largest_component(pred: torch.Tensor) -> torch.Tensor:
 def mask_postprocess(keep_largest_component: bool):
     """The evaluator's ``mask_postprocess`` from the bundle flag: :func:`largest_component` or ``None``."""
     if not isinstance(keep_largest_component, bool):
-        fail(f"keep_largest_component must be true or false, got {keep_largest_component!r}")
+        fail(f"keep_largest_component must be true or false, got {keep_largest_component!r}", ConfigError)
     return largest_component if keep_largest_component else None
 
 
@@ -446,7 +447,7 @@ def build_segmentation_learner(
 
     key = segmentation_learner_key(name)
     if key is None:
-        fail(f"unknown learner_name {name!r}; choose one of {sorted(SEGMENTATION_LEARNERS)}")
+        fail(f"unknown learner_name {name!r}; choose one of {sorted(SEGMENTATION_LEARNERS)}", ConfigError)
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
     classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "reptile": Reptile, "protoseg": PrototypeSegmenter,
                "finetune": SegmentationFineTune, "scratch": SegmentationFineTune, **VOLUME_LEARNERS}
@@ -454,12 +455,12 @@ def build_segmentation_learner(
         "self", "model", "encoder", "feature_channels", "n_base_structures", "pretrained"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}")
+        fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}", ConfigError)
     try:
         return create_segmentation_learner(key, backbone, feature_channels,
                                            n_base_structures=len(train_structures), **kwargs)
     except (TypeError, ValueError) as err:
-        fail(f"learner {key!r}: {err}")
+        fail(f"learner {key!r}: {err}", ConfigError)
 
 
 def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -477,7 +478,7 @@ def check_trainable(learner: torch.nn.Module, name: str) -> torch.nn.Module:
     """``learner`` if it has something to meta-train, else a one-line error: run evaluate.json / inference.json."""
     if not getattr(learner, "trainable", True):
         fail(f"learner {name!r} has nothing to meta-train: run configs/evaluate.json or configs/inference.json "
-             "directly (no checkpoint needed)")
+             "directly (no checkpoint needed)", ConfigError)
     return learner
 
 
@@ -598,7 +599,7 @@ def evaluate_segmentation(
             m = evaluator.state.metrics
             logger.info(f"{name} {k}-shot: Dice {m['dice']:.4f} +/- {m['dice_ci95']:.4f} over {len(recs)} episodes")
     if not records:
-        fail("no protocol could be evaluated: " + "; ".join(not_possible))
+        fail("no protocol could be evaluated: " + "; ".join(not_possible), DataError)
     by_shot = {str(k): _summary([r for r in records if r["k_shot"] == int(k)])
                for k in sorted({r["k_shot"] for r in records})}
     top = by_shot[min(by_shot, key=int)]
@@ -765,14 +766,14 @@ def segment_task(
         try:
             d = support_read({"image": item["image"], "label": item["label"]})
         except (ScanLoadError, RuntimeError, OSError) as err:
-            fail(f"{where}: {_reason(err)}")
+            fail(f"{where}: {_reason(err)}", DataError)
         label = d["label"]
         value = item.get("label_value")
         mask = (label > 0) if value is None else (label.round() == float(value))
         if int(mask.sum()) == 0:
             fail(f"{where}: the support mask {item['label']} is empty"
                  + ("" if value is None else f" (no voxel equals label_value {value})")
-                 + (f" after resampling to {list(pixdim)} mm" if pixdim is not None else ""))
+                 + (f" after resampling to {list(pixdim)} mm" if pixdim is not None else ""), DataError)
         image = d["image"].as_tensor()
         image = scale_intensity(
             image, item_intensity({"modality": top_modality, "intensity": task.get("intensity"), **item}, image))
@@ -798,7 +799,7 @@ def segment_task(
         with torch.enable_grad():
             predictor = learner.adapt(sx, sy)
     except ValueError as err:
-        fail(f"cannot adapt to the support set of {task_file}: {err}")
+        fail(f"cannot adapt to the support set of {task_file}: {err}", TaskFileError)
     inferer = sliding_window_inferer(patch_size, sw_batch_size, overlap)
     postprocess = mask_postprocess(keep_largest_component)
     query_read = _reader(pixdim, with_label=False)
@@ -811,7 +812,7 @@ def segment_task(
         try:
             d = query_read({"image": item["image"]})
         except (ScanLoadError, RuntimeError, OSError) as err:
-            fail(f"{where}: {_reason(err)}")
+            fail(f"{where}: {_reason(err)}", DataError)
         image = d["image"]
         kind = item_intensity({"modality": top_modality, "intensity": task.get("intensity"), **item}, image)
         x = scale_intensity(image.as_tensor(), kind)[None].to(device)

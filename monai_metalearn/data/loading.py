@@ -35,6 +35,7 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import get_equivalent_dtype, optional_import
 
 from monai_metalearn.data.readers import NpzReader, split_npz_path
+from monai_metalearn.errors import MetaLearnError
 
 # On machines without NVIDIA's nvImageCodec, MONAI logs a warning each time a DICOM series is read; the pydicom
 # fallback it announces is exactly what we use, so the message is noise in every progress bar.
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 
-class ScanLoadError(RuntimeError):
+class ScanLoadError(MetaLearnError, RuntimeError):
     """
     A scan is missing, unreadable, not finite, or does not fit its partner's grid.
 

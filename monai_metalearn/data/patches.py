@@ -151,6 +151,7 @@ def patch_transforms(
     synthesize: bool = True,
     augment: bool = True,
     body_coordinates: bool = False,
+    modality_augment: bool = False,
 ):
     """The random part of the organ-patch pipeline, for a MONAI ``Dataset``/``CacheDataset`` over
     :func:`build_structure_patches` output.
@@ -169,10 +170,19 @@ def patch_transforms(
         body_coordinates: append the three body-frame coordinate channels
             (:class:`~monai_metalearn.transforms.BodyCoordinatesd`, from each item's ``body_box``) after z-scoring:
             the patch becomes ``[4, *spatial_size]`` and says where it lies in the body and how large it is.
+        modality_augment: a random intensity remap of each patch after z-scoring
+            (:func:`~monai_metalearn.transforms.modality_augmentation`: monotonic curve, gamma, sign flip), for
+            meta-training features that carry from CT to MR. Training only: evaluation patches keep their contrast.
     """
     from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd
 
-    from monai_metalearn.transforms import BodyCoordinatesd, CropStructured, RandCropStructured, RandSynthesizeImaged
+    from monai_metalearn.transforms import (
+        BodyCoordinatesd,
+        CropStructured,
+        RandCropStructured,
+        RandSynthesizeImaged,
+        modality_augmentation,
+    )
 
     crop_kwargs = dict(
         keys=["image", "label"], label_key="label", structure_key="structure_id", spatial_size=tuple(spatial_size),
@@ -187,6 +197,8 @@ def patch_transforms(
     if synthesize:
         steps.append(RandSynthesizeImaged(keys="label", image_key="image", only_if_missing=True))
     steps.append(NormalizeIntensityd(keys="image"))
+    if modality_augment:
+        steps.append(modality_augmentation(keys="image"))
     if body_coordinates:
         steps.append(BodyCoordinatesd(keys="image"))
     steps.append(EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False))

@@ -39,6 +39,7 @@ from monai.config import PathLike
 from monai.utils import optional_import
 
 from monai_metalearn.data.loading import LoadScan
+from monai_metalearn.errors import DataError
 
 nib, _ = optional_import("nibabel")
 pydicom, _ = optional_import("pydicom")
@@ -91,7 +92,7 @@ DEFAULT_CHAOS_CACHE = Path("~/.cache/monai_metalearn/chaos_labels")
 CHAOS_GREY_RANGES: Mapping[int, tuple[int, int]] = {1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)}
 
 
-class LabelIdError(ValueError):
+class LabelIdError(DataError):
     """
     A label map holds values that are not ids of its source's label table.
 

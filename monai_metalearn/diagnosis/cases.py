@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from monai_metalearn.errors import DataError
+
 __all__ = [
     "ACDC_DIAGNOSES",
     "CaseError",
@@ -38,7 +40,7 @@ __all__ = [
 ACDC_DIAGNOSES = ("DCM", "HCM", "MINF", "NOR", "RV")
 
 
-class CaseError(ValueError):
+class CaseError(DataError):
     """A diagnosis case list is malformed (names the case and the key)."""
 
 

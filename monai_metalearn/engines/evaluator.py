@@ -94,7 +94,8 @@ class MetaEvaluator(Evaluator):
 
     Classification episodes that name their query subjects (``query_subject``, one per query example) also give
     ``state.summary["accuracy_subjects"]``: each query subject's accuracy over all its query examples, then the mean
-    and 95% interval over those subjects and their number (how a new subject would fare).
+    and 95% interval over those subjects and their number (how a new subject would fare), and ``per_subject``
+    (subject -> accuracy), so that runs over several folds can be pooled by subject.
 
     ``engine.state.episode_records`` holds one dict per episode: its value, ``structure`` (segmentation) and the
     support / query subjects when the episode names them; for segmentation also ``dice_slab`` (Dice on the slices of
@@ -257,8 +258,12 @@ class MetaEvaluator(Evaluator):
                 k: {"correct": c, "total": t} for k, (c, t) in sorted(self._group_counts.items())
             }
             if self._query_subjects:  # each query subject's accuracy first, then the interval over subjects
-                self.state.summary["accuracy_subjects"] = mean_ci95_subjects(self._query_correct,
-                                                                             self._query_subjects)
+                by_subject = mean_ci95_subjects(self._query_correct, self._query_subjects)
+                per: dict[str, list[float]] = {}
+                for x, sub in zip(self._query_correct, self._query_subjects):
+                    per.setdefault(str(sub), []).append(float(x))
+                by_subject["per_subject"] = {sub: sum(v) / len(v) for sub, v in sorted(per.items())}
+                self.state.summary["accuracy_subjects"] = by_subject
 
     # ------------------------------------------------------------------------------------------------ iteration
     def _score(self, logits: torch.Tensor, qy: torch.Tensor, episode: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from monai_metalearn.transforms.intensity import (
     infer_intensity,
     scale_intensity,
 )
+from monai_metalearn.transforms.modality import RandInvertIntensity, RandInvertIntensityd, modality_augmentation
 from monai_metalearn.transforms.coordinates import (
     BodyCoordinates,
     BodyCoordinatesd,
@@ -51,6 +52,10 @@ from monai_metalearn.transforms.dictionary import (
 )
 
 __all__ = [
+    # modality augmentation
+    "RandInvertIntensity",
+    "RandInvertIntensityd",
+    "modality_augmentation",
     # body-frame coordinates
     "BodyCoordinates",
     "BodyCoordinatesd",

@@ -25,10 +25,12 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
+from monai_metalearn.errors import DataError
+
 __all__ = ["body_box", "body_coordinates", "BodyCoordinates", "BodyCoordinatesd", "BodyFrameError"]
 
 
-class BodyFrameError(ValueError):
+class BodyFrameError(DataError):
     """A body box or patch that cannot give body-frame coordinates (names what is wrong)."""
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from monai.data import Dataset
 
+from monai_metalearn.errors import ConfigError
 from monai_metalearn.apps import segmentation as seg
 from monai_metalearn.data import SegmentationEpisodeDataset
 from monai_metalearn.engines import default_prepare_episode
@@ -148,7 +149,7 @@ def test_largest_component_keeps_the_biggest_blob_of_each_sample():
 
 def test_mask_postprocess_flag():
     assert seg.mask_postprocess(True) is seg.largest_component and seg.mask_postprocess(False) is None
-    with pytest.raises(SystemExit, match="keep_largest_component must be true or false, got 'false'"):
+    with pytest.raises(ConfigError, match="keep_largest_component must be true or false, got 'false'"):
         seg.mask_postprocess("false")
 
 

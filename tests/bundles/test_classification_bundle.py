@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from monai_metalearn.errors import CheckpointError, ConfigError, MetaLearnError, MissingFileError, TaskFileError
 from monai_metalearn.apps import classification as app
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "fewshot_classification_3d"
@@ -145,7 +146,7 @@ def test_missing_checkpoint_and_data_dir_are_one_line_errors(tmp_path):
 def test_check_cli_overrides_accepts_config_ids_and_dict_entries():
     argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", str(BUNDLE / "configs" / "train.json")]
     app.check_cli_overrides(argv + ["--epochs", "2", "--train#optimizer#lr", "0.1", "--learner_args#inner_lr", "1"])
-    with pytest.raises(SystemExit, match=r"unknown config key --lerner_name .*did you mean --learner_name"):
+    with pytest.raises(ConfigError, match=r"unknown config key --lerner_name .*did you mean --learner_name"):
         app.check_cli_overrides(argv + ["--lerner_name", "maml"])
     app.check_cli_overrides(["pytest", "--lerner_name"])  # not a bundle command line: ignored
 
@@ -165,15 +166,16 @@ def test_task_file_errors(tmp_path, data_dir, task, match):
     ct = str(Path(data_dir) / "totalsegmentator" / "example_ct.nii.gz")
     text = json.dumps(task).replace('"CT"', json.dumps(ct))
     (tmp_path / "task.json").write_text(text)
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(MetaLearnError, match=match) as info:
         app.load_task_file(tmp_path / "task.json")
+    assert isinstance(info.value, MissingFileError if "not found" in match else TaskFileError)
 
 
 def test_task_file_not_json_and_missing(tmp_path):
     (tmp_path / "t.json").write_text("{support: ")
-    with pytest.raises(SystemExit, match="is not valid JSON"):
+    with pytest.raises(TaskFileError, match="is not valid JSON"):
         app.load_task_file(tmp_path / "t.json")
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         app.load_task_file(tmp_path / "none.json")
 
 
@@ -184,10 +186,10 @@ def test_load_learner_rejects_another_learners_checkpoint(tmp_path):
     proto = create_learner("protonet", ConvEncoder3D(1, (4, 8)), 8, 5)
     torch.save({"learner": proto.state_dict()}, tmp_path / "p.pt")
     maml = create_learner("maml", ConvEncoder3D(1, (4, 8)), 8, 5)
-    with pytest.raises(SystemExit, match="does not fit learner MAML"):
+    with pytest.raises(CheckpointError, match="does not fit learner MAML"):
         app.load_learner(maml, str(tmp_path / "p.pt"))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="cannot be read"):
         app.load_learner(proto, str(tmp_path / "bad.pt"))
     loaded = app.load_learner(create_learner("protonet", ConvEncoder3D(1, (4, 8)), 8, 5), str(tmp_path / "p.pt"))
     for (k, v), w in zip(loaded.state_dict().items(), proto.state_dict().values()):
@@ -200,9 +202,9 @@ def test_build_learner_errors_and_defaults():
     learner = app.build_learner("MAML", ConvEncoder3D(1, (4, 8)), 8, 5, ["a"] * 3, {"maml": {"inner_lr": 0.3}},
                                 {"inner_steps": 2})
     assert learner.inner_lr == 0.3 and learner.inner_steps == 2
-    with pytest.raises(SystemExit, match="unknown learner_name 'mam'"):
+    with pytest.raises(ConfigError, match="unknown learner_name 'mam'"):
         app.build_learner("mam", ConvEncoder3D(1, (4, 8)), 8, 5, ["a"])
-    with pytest.raises(SystemExit, match=r"has no argument\(s\) \['inner_lr'\]"):
+    with pytest.raises(ConfigError, match=r"has no argument\(s\) \['inner_lr'\]"):
         app.build_learner("protonet", ConvEncoder3D(1, (4, 8)), 8, 5, ["a"], None, {"inner_lr": 0.1})
 
 
@@ -220,7 +222,7 @@ def test_class_splits_in_the_config_are_disjoint_and_on_the_data(data_dir):
         assert name in have, f"train class {name} is in no source"
     for name in splits["val"] + splits["test"]:  # cross-subject evaluation needs >= 2 subjects per class
         assert len(have.get(name, ())) >= 2, (name, have.get(name))
-    with pytest.raises(SystemExit, match="liver"):
+    with pytest.raises(ConfigError, match="liver"):
         app.check_class_splits(train=["liver", "spleen"], test=["liver"])
 
 
@@ -234,3 +236,62 @@ def test_predict_task_leaves_the_learner_as_it_was(data_dir, tmp_path):
     result = app.predict_task(learner, str(task), str(tmp_path / "out"), (16, 16, 16), (3.0, 3.0, 3.0))
     assert result["classes"] == ["liver", "spleen"] and len(result["predictions"]) == 2
     assert learner.n_way == 5  # a 2-class task did not change the 5-way learner
+
+
+# cross-subject protocols on the multi-subject sets, small: BTCV and CHAOS only, two protocols, 4 mm
+_EVEN = [f"btcv_sabs_{i:02d}" for i in range(0, 20, 2)]
+_ODD = [f"btcv_sabs_{i:02d}" for i in range(1, 20, 2)]
+CROSS = [
+    "--sources", "['btcv_sabs','chaos_t2']",
+    "--folds", "{'btcv_sabs': [" + repr(_EVEN) + ", " + repr(_ODD) + "]}",
+    "--protocols", "['ct_to_mr','btcv_cross_subject']",
+    "--train_classes", "['aorta','stomach','pancreas','esophagus','inferior_vena_cava']",
+    "--val_classes", "['portal_vein_and_splenic_vein','adrenal_gland_right','adrenal_gland_left']",
+    "--test_classes", "['liver','spleen','kidney_left','kidney_right','gallbladder']",
+    "--n_views", "4", "--pixdim", "[4.0,4.0,4.0]", "--features", "[8,16,16,16]", "--epochs", "1",
+    "--episodes_per_epoch", "2", "--meta_batch_size", "1", "--q_query", "2",
+    "--val_episodes", "2", "--val_q_query", "2", "--progress", "False", "--learner_name", "protonet",
+]
+
+
+def test_cross_subject_train_evaluate_and_inference_on_ct_and_mr(data_dir, tmp_path):
+    """train.json + cross_subject.json meta-trains on the fold's BTCV training subjects only, with body-frame
+    coordinate channels; evaluate.json scores the protocols on the fold's test subjects (CT -> MR: CHAOS queries);
+    inference.json classifies a CHAOS MR organ from BTCV CT support with the same channels."""
+    out = tmp_path / "run"
+    ok(bundle(["train.json", "cross_subject.json"], *CROSS, "--fold", "1", out=out))
+    state = torch.load(out / "model.pt", weights_only=True)
+    first = next(v for k, v in state.items() if k.startswith("encoder.") and v.ndim == 5)
+    assert first.shape[1] == 4  # image + 3 coordinate channels
+    ok(bundle(["train.json", "cross_subject.json", "evaluate.json"], *CROSS, "--fold", "1", "--test_episodes", "4",
+              "--test_q_query", "3", "--test_shots", "[1]", out=out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fold"] == 1 and metrics["body_coordinates"] is True
+    assert set(metrics["protocols"]) == {"ct_to_mr", "btcv_cross_subject"}
+    btcv = metrics["protocols"]["btcv_cross_subject"]["by_shot"]["1"]
+    assert set(btcv["accuracy_subjects"]["per_subject"]) <= set(_ODD)  # fold 1 tests the odd subjects only
+    ct_mr = metrics["protocols"]["ct_to_mr"]
+    assert metrics["protocols"]["ct_to_mr"]["support_pool"] == _ODD
+    assert all(s.startswith("chaos_") for s in ct_mr["by_shot"]["1"]["accuracy_subjects"]["per_subject"])
+    assert ct_mr["by_shot"]["1"]["accuracy"]["n_episodes"] == 4 and ct_mr["n_way"] == 4
+
+    btcv_items = {i["subject"]: i for i in monai_metalearn_datalist("btcv_sabs", data_dir)}
+    chaos = monai_metalearn_datalist("chaos_t2", data_dir)[0]
+    organs = ["liver", "spleen", "kidney_left", "kidney_right"]
+    support = [{"image": btcv_items[s]["image"], "mask": btcv_items[s]["label"], "modality": "CT",
+                "mask_label": btcv_items[s]["structures"][o], "label": o} for s in _ODD[:2] for o in organs]
+    query = [{"image": chaos["image"], "mask": chaos["label"], "modality": "MR",
+              "mask_label": chaos["structures"][o], "id": o} for o in organs]
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"support": support, "query": query}))
+    ok(bundle(["train.json", "cross_subject.json", "inference.json"], *CROSS, "--task_file", str(task), out=out))
+    pred = json.loads((out / "predictions.json").read_text())
+    assert pred["classes"] == sorted(organs) and len(pred["predictions"]) == 4
+    for p in pred["predictions"]:
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-4 and p["label"] in organs
+
+
+def monai_metalearn_datalist(source: str, data_dir) -> list[dict]:
+    from monai_metalearn.data import load_datalist
+
+    return load_datalist(source, str(data_dir))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from monai_metalearn.errors import ConfigError, MetaLearnError, MissingFileError, TaskFileError
 from monai_metalearn.apps import segmentation as app
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "fewshot_segmentation_3d"
@@ -283,19 +284,19 @@ def test_missing_task_file_checkpoint_and_wrong_key_are_one_line_errors(tmp_path
 
 
 def _task_error(tmp_path: Path, task: dict) -> str:
-    """``segment_task`` on ``task`` (the bundle's inference step, in-process): its one-line SystemExit message.
-    The bundle lets that SystemExit through as the process's last line (see the CLI tests above)."""
+    """``segment_task`` on ``task`` (the bundle's inference step, in-process): its typed error's one-line message.
+    The bundle prints it as the process's last line (see the CLI tests above)."""
     from monai_metalearn.networks import unet_backbone
 
     backbone = unet_backbone(feature_channels=4, channels=[4, 8, 8, 8], strides=[2, 2, 2], num_res_units=1,
                              norm="instance")
     learner = app.build_segmentation_learner("protoseg", backbone, 4, ["a", "b"])
     (tmp_path / "task.json").write_text(json.dumps(task))
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(MetaLearnError) as info:
         app.segment_task(learner, str(tmp_path / "task.json"), str(tmp_path / "out"), patch_size=(16, 16, 16),
                          n_patches=2)
-    message = str(info.value.code)
-    assert message.startswith("monai-metalearn: error: ") and "\n" not in message, message
+    message = str(info.value)
+    assert message and "\n" not in message, message
     assert not (tmp_path / "out" / "segmentations.json").exists()
     return message
 
@@ -328,16 +329,16 @@ def test_unreadable_query(data_dir, tmp_path):
 def test_task_file_errors(tmp_path, data_dir, task, match):
     ct = str(data_dir / TS / "example_ct.nii.gz")
     (tmp_path / "task.json").write_text(json.dumps(task).replace('"CT"', json.dumps(ct)))
-    with pytest.raises(SystemExit, match=match) as info:
+    with pytest.raises(MetaLearnError, match=match) as info:
         app.load_segmentation_task(tmp_path / "task.json")
-    assert str(info.value.code).startswith("monai-metalearn: error: ")
+    assert isinstance(info.value, (TaskFileError, MissingFileError))
 
 
 def test_task_file_not_json_and_missing(tmp_path):
     (tmp_path / "t.json").write_text("{support: ")
-    with pytest.raises(SystemExit, match="is not valid JSON"):
+    with pytest.raises(TaskFileError, match="is not valid JSON"):
         app.load_segmentation_task(tmp_path / "t.json")
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         app.load_segmentation_task(tmp_path / "none.json")
 
 
@@ -369,5 +370,5 @@ def test_structure_splits_in_the_config_are_disjoint(data_dir):
     test = cfg["test_ct_structures"] + cfg["test_brain_structures"] + cfg["test_heart_structures"]
     app.check_class_splits(train=cfg["train_structures"], val=cfg["val_structures"], test=test)
     assert set(test) == TEST_STRUCTURES
-    with pytest.raises(SystemExit, match="liver"):
+    with pytest.raises(ConfigError, match="liver"):
         app.check_class_splits(train=cfg["train_structures"] + ["liver"], test=test)

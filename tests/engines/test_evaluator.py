@@ -228,3 +228,21 @@ def test_val_handlers_see_the_summary(tmp_path):
     assert written["accuracy"]["n_episodes"] == 3
     assert written["accuracy"]["mean"] == pytest.approx(evaluator.state.metrics["accuracy"])
     assert set(written["per_class"]) == set(evaluator.state.per_class)
+
+
+def test_accuracy_over_query_subjects_by_hand():
+    """Each query subject's accuracy over all its queries first, then the mean over subjects: a subject seen in two
+    episodes is pooled, not counted twice."""
+    predictions = torch.tensor([0, 0, 0, 0, 0, 0])  # ep queries [0, 0, 1, 1, 2, 2]: right, right, wrong x 4
+    ep0 = make_episode(0, n_way=3, k_shot=1, q_query=2)
+    ep0["query_subject"] = ["a", "b", "a", "b", "a", "b"]  # a: 1/3, b: 1/3
+    ep1 = make_episode(1, n_way=3, k_shot=1, q_query=2)
+    ep1["query_subject"] = ["a", "a", "c", "c", "c", "c"]  # a: 2/2, c: 0/4
+    evaluator = MetaEvaluator("cpu", [ep0, ep1], OracleLearner(predictions, n_way=3))
+    evaluator.run()
+    by_subject = evaluator.state.summary["accuracy_subjects"]
+    assert by_subject["per_subject"] == {"a": pytest.approx(3 / 5), "b": pytest.approx(1 / 3), "c": 0.0}
+    assert by_subject["n_subjects"] == 3
+    assert by_subject["mean"] == pytest.approx((3 / 5 + 1 / 3) / 3)
+    assert by_subject["ci95"] == pytest.approx(mean_ci95([3 / 5, 1 / 3, 0.0])[1])
+    assert evaluator.state.metrics["accuracy"] == pytest.approx(2 / 6)  # over episodes: 2/6 and 2/6

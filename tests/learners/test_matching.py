@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from monai_metalearn.errors import ConfigError
 from monai_metalearn.learners import LEARNERS, MatchingNet, MatchingPredictor, accuracy, create_learner, learner_key
 from monai_metalearn.learners import matching_log_probs
 from monai_metalearn.learners.matching import matching_attention
@@ -226,7 +227,7 @@ def test_factory_and_bundle_glue_build_it():
                               {"fce": True, "fce_steps": 1})
     assert isinstance(built, MatchingNet) and built.context.query.steps == 1
     assert app.prepare_episode_for("matching", ["a", "b"]) is default_prepare_episode
-    with pytest.raises(SystemExit, match="no argument"):
+    with pytest.raises(ConfigError, match="no argument"):
         app.build_learner("matching", ConvEncoder3D(features=(4, 8)), 8, 5, ["a"], None, {"inner_lr": 0.1})
 
 
