@@ -83,10 +83,11 @@ def run_references(fold: int, work: Path, test_episodes: int) -> dict[str, dict]
     return out
 
 
-def run_learner(name: str, fold: int, work: Path, test_episodes: int, threads: int, reuse: bool) -> dict:
-    out = work / f"fold{fold}" / name
+def run_learner(name: str, fold: int, work: Path, test_episodes: int, threads: int, reuse: bool,
+                tag: str = "", overrides: tuple[str, ...] = ()) -> dict:
+    out = work / f"fold{fold}" / (name + tag)
     out.mkdir(parents=True, exist_ok=True)
-    args = ("--learner_name", name, "--fold", str(fold))
+    args = ("--learner_name", name, "--fold", str(fold), *overrides)
     if reuse and trained(out) and (out / "cross_subject.log").is_file():
         train_s = log_seconds(out / "cross_subject.log")
     else:
@@ -194,10 +195,18 @@ def _config() -> dict:
                                       "meta_batch_size", "folds", "val_classes")}}
 
 
+def _ordered(methods: dict) -> list[str]:
+    """References first, then the learners in :data:`LEARNERS` order, each followed by its tagged variants."""
+    keys = [k for k in REFERENCES if k in methods]
+    for name in LEARNERS:
+        keys += sorted(k for k in methods if k == name or k.startswith(name + ":"))
+    return keys + [k for k in methods if k not in keys]
+
+
 def _results(methods: dict, args: argparse.Namespace) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "threads": args.threads,
             "test_episodes": args.test_episodes, "config": _config(),
-            "methods": {k: methods[k] for k in [*REFERENCES, *LEARNERS] if k in methods},
+            "methods": {k: methods[k] for k in _ordered(methods)},
             "not_measured": [n for n in LEARNERS if n not in methods]}
 
 
@@ -211,6 +220,9 @@ def main() -> None:
     parser.add_argument("--from-json", action="store_true", help="only rewrite the README table")
     parser.add_argument("--reuse", action="store_true", help="skip training where --work holds a checkpoint")
     parser.add_argument("--no-references", action="store_true", help="keep the references of the JSON file")
+    parser.add_argument("--tag", default="", help="stored as '<learner>:<tag>' (a variant, e.g. an ablation)")
+    parser.add_argument("--overrides", default="", help="more bundle overrides for train and evaluate, e.g. "
+                        "'--modality_augment False'")
     args = parser.parse_args()
     out_json = RESULTS_DIR / "classification_subjects.json"
     if args.from_json:
@@ -231,14 +243,17 @@ def main() -> None:
             for name in REFERENCES:
                 methods[name] = {"pooled": pool_folds(per_ref[name]), "test_episodes": args.test_episodes,
                                  "folds": per_ref[name]}
+        tag = f":{args.tag}" if args.tag else ""
         for name in learners:
             per_fold, train_s = {}, []
             for fold in folds:
-                run = run_learner(name, fold, work, args.test_episodes, args.threads, args.reuse)
+                run = run_learner(name, fold, work, args.test_episodes, args.threads, args.reuse, tag,
+                                  tuple(args.overrides.split()))
                 per_fold[str(fold)] = run["metrics"]
                 train_s.append(run["train_seconds"])
-            methods[name] = {"pooled": pool_folds(per_fold), "test_episodes": args.test_episodes,
-                             "train_seconds": sum(train_s) / len(train_s), "folds": per_fold}
+            methods[name + tag] = {"pooled": pool_folds(per_fold), "test_episodes": args.test_episodes,
+                                   "train_seconds": sum(train_s) / len(train_s), "folds": per_fold,
+                                   "overrides": args.overrides}
             results = _results(methods, args)
             write_json(out_json, results)  # after each learner: an interrupted run keeps what it measured
         results = _results(methods, args)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..networks.position import body_position_features
 from .base import Learner, infer_n_way
 
 __all__ = ["CentroidReference", "PatchCentroidReference", "BodyPositionReference"]
@@ -88,13 +89,7 @@ class BodyPositionReference(CentroidReference):
         self.first, self.use_extent = int(first), bool(use_extent)
 
     def features(self, x: Tensor) -> Tensor:
-        if x.ndim < 3 or x.shape[1] < self.first + 3:
-            raise ValueError(
-                f"{type(self).__name__}: patches of shape {tuple(x.shape)} have no body-frame coordinate channels "
-                f"{self.first}..{self.first + 2}: build them with patch_transforms(body_coordinates=True)"
-            )
-        c = x[:, self.first : self.first + 3].float().flatten(2)
-        centre = c.mean(-1)
-        if not self.use_extent:
-            return centre
-        return torch.cat([centre, c.amax(-1) - c.amin(-1)], 1)
+        try:
+            return body_position_features(x, self.first, self.use_extent)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None

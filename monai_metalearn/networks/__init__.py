@@ -6,9 +6,12 @@ from __future__ import annotations
 from .batchnorm import BATCH_NORM_MODES, batch_norm_mode, check_batch_norm_mode, has_batch_norm
 from .encoders import MONAI_BACKBONES, ConvEncoder3D, FewShotClassifier, monai_backbone, replace_batch_norm
 from .heads import CosineClassifier
+from .position import BodyPositionEncoder, body_position_features
 from .segmentation import FEATURE_NEGATIVE_SLOPE, SegmentationModel, segmentation_features, unet_backbone
 
 __all__ = [
+    "BodyPositionEncoder",
+    "body_position_features",
     "BATCH_NORM_MODES",
     "FEATURE_NEGATIVE_SLOPE",
     "MONAI_BACKBONES",
