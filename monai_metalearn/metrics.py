@@ -88,7 +88,7 @@ def mean_ci95(values: Iterable[float] | torch.Tensor, method: str = "auto") -> t
 
 
 def mean_ci95_subjects(
-    values: Iterable[float] | torch.Tensor, subjects: Sequence[Any], method: str = "auto"
+    values: Iterable[float] | torch.Tensor, subjects: Sequence[Any], method: str = "auto", per_subject: bool = False
 ) -> dict[str, Any]:
     """Mean over subjects and its 95% interval: each subject's values are averaged first.
 
@@ -96,6 +96,7 @@ def mean_ci95_subjects(
         values: one value per episode (or per query).
         subjects: the query subject of each value (same length).
         method: see :func:`mean_ci95`, applied to the subject means.
+        per_subject: also return ``per_subject`` (subject -> its mean), e.g. to pool several runs by subject.
 
     Returns:
         ``{"mean", "ci95", "n_subjects"}``: mean of the subject means, half width of its 95% interval (``None`` for
@@ -115,9 +116,11 @@ def mean_ci95_subjects(
     per: dict[str, list[float]] = {}
     for x, sub in zip(xs, subjects):
         per.setdefault(sub, []).append(x)
-    means = [math.fsum(v) / len(v) for _, v in sorted(per.items())]
+    by_subject = {sub: math.fsum(v) / len(v) for sub, v in sorted(per.items())}
+    means = list(by_subject.values())
     mean, ci = mean_ci95(means, method=method)
-    return {"mean": _finite_or_none(mean), "ci95": _finite_or_none(ci), "n_subjects": len(means)}
+    out = {"mean": _finite_or_none(mean), "ci95": _finite_or_none(ci), "n_subjects": len(means)}
+    return {**out, "per_subject": by_subject} if per_subject else out
 
 
 def binary_dice(

@@ -258,12 +258,9 @@ class MetaEvaluator(Evaluator):
                 k: {"correct": c, "total": t} for k, (c, t) in sorted(self._group_counts.items())
             }
             if self._query_subjects:  # each query subject's accuracy first, then the interval over subjects
-                by_subject = mean_ci95_subjects(self._query_correct, self._query_subjects)
-                per: dict[str, list[float]] = {}
-                for x, sub in zip(self._query_correct, self._query_subjects):
-                    per.setdefault(str(sub), []).append(float(x))
-                by_subject["per_subject"] = {sub: sum(v) / len(v) for sub, v in sorted(per.items())}
-                self.state.summary["accuracy_subjects"] = by_subject
+                self.state.summary["accuracy_subjects"] = mean_ci95_subjects(
+                    self._query_correct, self._query_subjects, per_subject=True
+                )
 
     # ------------------------------------------------------------------------------------------------ iteration
     def _score(self, logits: torch.Tensor, qy: torch.Tensor, episode: Mapping[str, Any]) -> dict[str, Any]:
