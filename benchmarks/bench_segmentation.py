@@ -326,6 +326,22 @@ def collect(work: Path, learners: list[str], settings: list[int], args: argparse
             "config": _config(), "runs": runs, "incomplete": missing}
 
 
+def _merged(results: dict, out_json: Path) -> dict:
+    """``results`` plus the runs of ``out_json`` for learners (and settings) this run did not measure, so that
+    measuring one learner keeps the table's other rows."""
+    if not out_json.is_file():
+        return results
+    old = json.loads(out_json.read_text())
+    measured = {(r["learner"], r["setting"]) for r in results["runs"]}
+    kept = [r for r in old.get("runs", []) if (r["learner"], r["setting"]) not in measured]
+    order = {name: i for i, name in enumerate(LEARNERS)}
+    results["runs"] = sorted(kept + results["runs"], key=lambda r: (order.get(r["learner"], len(order)), r["setting"]))
+    kept_names = {r["learner"] for r in kept}
+    results["incomplete"] = [m for m in old.get("incomplete", []) if m.split(" ")[0] in kept_names] + \
+        results["incomplete"]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--learners", default=",".join(LEARNERS))
@@ -377,7 +393,7 @@ def main() -> None:
             cost_file = work / "cost" / f"{name}.json"
             if not (args.reuse and cost_file.is_file()):
                 cost_file.write_text(json.dumps(adaptation_cost(name, out, work / "cache", args.threads), indent=2))
-        results = collect(work, learners, settings, args)
+        results = _merged(collect(work, learners, settings, args), out_json)
         write_json(out_json, results)
     md = table(results)
     update_readme_table(MARKER, md)

@@ -27,6 +27,7 @@ from monai_metalearn.errors import (
 
 __all__ = [
     "fail",
+    "flag",
     "check_data_dir",
     "check_checkpoint",
     "check_class_splits",
@@ -35,6 +36,7 @@ __all__ = [
     "GlobalLabels",
     "build_learner",
     "load_learner",
+    "LearnerNetwork",
     "evaluate_shots",
     "evaluate_protocols",
     "check_cli_overrides",
@@ -43,6 +45,8 @@ __all__ = [
     "load_task_file",
     "read_task_file",
     "inference_transforms",
+    "AddBodyBoxd",
+    "MaskCropd",
     "predict_task",
 ]
 
@@ -51,6 +55,22 @@ def fail(message: str, error: type[MetaLearnError] = ConfigError) -> NoReturn:
     """Raises ``error(message)``: a typed :mod:`monai_metalearn.errors` exception naming what is wrong. The bundle
     entry points print it as one line (:func:`monai_metalearn.cli.one_line_errors`); Python callers catch it."""
     raise error(message)
+
+
+def flag(value: Any, key: str) -> bool:
+    """A boolean config value: ``True`` / ``False``, also as the strings a command line gives (``--key false``:
+    ``fire`` passes lowercase words through as strings, and the string ``"false"`` is true in Python).
+
+    Raises:
+        ConfigError: naming ``key`` for any other value.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    fail(f"{key} must be true or false, got {value!r}", ConfigError)
 
 
 def check_data_dir(path: str | os.PathLike | None) -> str:
@@ -137,11 +157,11 @@ def cached(cache_file: Path | None, build: Callable[[], Any]) -> Any:
         try:
             return torch.load(cache_file, weights_only=False)
         except Exception:
-            cache_file.unlink()
+            cache_file.unlink(missing_ok=True)
     value = build()
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")  # processes that build it at once
         torch.save(value, tmp)
         tmp.replace(cache_file)
     return value
@@ -239,12 +259,12 @@ def prepare_episode_for(name: str, train_classes: Sequence[str]):
 def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Loads the weights that ``train.json`` saved (``{"learner": state}`` or a bare state dict) into ``learner``.
 
-    One-line errors for a missing checkpoint or one made for another learner / network (names the keys)."""
+    One-line errors for a missing checkpoint, a truncated or foreign file (``CheckpointError``, read with
+    ``torch.load(weights_only=True)``) or one made for another learner / network (names the keys)."""
+    from monai_metalearn.engines.checkpoint import load_checkpoint
+
     check_checkpoint(ckpt_path)
-    try:
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as err:  # unreadable, truncated, not a torch file
-        fail(f"checkpoint {ckpt_path!r} cannot be read: {str(err).splitlines()[0]}", CheckpointError)
+    state = load_checkpoint(ckpt_path, map_location=device)
     if isinstance(state, Mapping) and "learner" in state:
         state = state["learner"]
     try:
@@ -254,6 +274,56 @@ def load_learner(learner: torch.nn.Module, ckpt_path: str, device: str | torch.d
         fail(f"checkpoint {ckpt_path!r} does not fit learner {type(learner).__name__} (was it trained with another "
              f"learner_name or features?): {first}", CheckpointError)
     return learner.to(device)
+
+
+class LearnerNetwork(torch.nn.Module):
+    """The network a learner adapts, as a module of its own that loads the learner's checkpoint: what
+    ``python -m monai.bundle ckpt_export`` exports (``network_export`` in the bundles' ``train.json``).
+
+    ``train.json`` saves the learner's state dict: the network's weights under the learner's attribute
+    (``encoder.`` for ProtoNet, ``model.encoder.`` for the MAML family) plus the learner's own entries (ProtoNet's
+    distance ``scale``, a head). ``ckpt_export`` loads the checkpoint file into the module it exports, strictly, so
+    the bare network cannot take it. This module holds ``network`` (its only submodule, so its forward pass and its
+    TorchScript are the network's) and loads a checkpoint by loading it into ``learner``, which owns ``network``:
+    the same check as :func:`load_learner`, and the network's parameters are the learner's.
+
+    Args:
+        learner: the learner the checkpoint was written for (the bundle's ``learner``).
+        network: the learner's network (the bundle's ``network`` / ``network_def``), a submodule of ``learner``.
+
+    Raises:
+        ConfigError: if ``network`` is not a submodule of ``learner``.
+    """
+
+    def __init__(self, learner: torch.nn.Module, network: torch.nn.Module) -> None:
+        super().__init__()
+        if not any(m is network for m in learner.modules()):
+            fail(f"the network {type(network).__name__} is not part of the learner {type(learner).__name__}: "
+                 "export the learner's own network", ConfigError)
+        self.network = network
+        self._owner = (learner,)  # a tuple, not a submodule: the learner is not exported
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Loads a learner checkpoint (``{"learner": state}`` or the learner's bare state dict) into the learner, so
+        into :attr:`network`; a state dict of this module itself (``network.*`` keys) is loaded as usual.
+
+        Raises:
+            CheckpointError: if the state fits neither the learner nor this module.
+        """
+        if isinstance(state_dict, Mapping) and "learner" in state_dict:
+            state_dict = state_dict["learner"]
+        target: torch.nn.Module = self._owner[0]
+        if state_dict and all(str(k).startswith("network.") for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        try:
+            return target.load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            first = " ".join(str(err).split())[:300]
+            fail(f"the checkpoint does not fit learner {type(target).__name__} (was it trained with another "
+                 f"learner_name or network?): {first}", CheckpointError)
 
 
 def evaluate_shots(
@@ -597,14 +667,25 @@ class _MaskCrop:
             return d
         roi = d.pop("roi")
         structure = d.pop("structure", None)
+        source = roi.meta.get("filename_or_obj", "") if hasattr(roi, "meta") else ""
+        empty = "no non-zero voxel" if structure is None else f"no voxel equal to mask_label {structure}"
         if structure is None:
             roi = (roi > 0).to(torch.uint8)
             structure = 1
+        if not bool((torch.as_tensor(roi) == int(structure)).any()):  # predict_task prefixes the task item
+            fail(f"mask {source or '<mask>'} is empty: {empty}", DataError)
         try:
             d["image"], _ = CropStructure(structure=int(structure), margin=self.margin)(d["image"], roi)
         except ValueError as err:
-            fail(f"{d.get('name', 'image')}: {err}", DataError)
+            fail(f"mask {source or '<mask>'}: {err}", DataError)
         return d
+
+
+AddBodyBoxd = _AddBodyBox
+"""Public name of the body-box step of the task-image pipeline (``inference.json``'s ``preprocessing``)."""
+
+MaskCropd = _MaskCrop
+"""Public name of the crop around a task item's ``mask`` (``inference.json``'s ``preprocessing``)."""
 
 
 def _hashable(value: Any) -> Any:
@@ -621,6 +702,8 @@ def predict_task(
     data_dir: str | None = None,
     transform: Any = None,
     body_coordinates: bool = False,
+    preprocessing: Any = None,
+    postprocessing: Any = None,
 ) -> dict[str, Any]:
     """Adapts ``learner`` to the task file's support set and writes ``output_dir/predictions.json``.
 
@@ -630,15 +713,30 @@ def predict_task(
             (:func:`inference_transforms` with ``spatial_size``, ``pixdim`` and ``body_coordinates``, ``mask`` crops).
         body_coordinates: the learner was trained on patches with body-frame coordinate channels
             (``patch_transforms(body_coordinates=True)``): give the task's patches the same channels.
+        preprocessing: the patch pipeline in place of the default one (``inference.json``'s ``preprocessing``):
+            a ``Compose`` of two ``Compose`` stages, the first applied once per scan file (reading; sees ``image``,
+            ``roi`` = the item's ``mask``, ``modality`` / ``intensity``), the second once per task item (cropping
+            around ``roi`` voxels equal to ``structure`` = the item's ``mask_label``, resizing, scaling); any other
+            transform is applied to each item whole. Ignored when ``transform`` is given.
+        postprocessing: maps the query logits ``[Q, N]`` to class probabilities (e.g. MONAI
+            ``Activations(softmax=True, dim=1)``); default the softmax over the task's classes.
 
     Returns:
         ``{"classes": [...], "predictions": [{"id" (when given), "image", "label", "probabilities": {class: p}}]}``.
     """
+    from monai_metalearn.apps.segmentation import _reason
     from monai_metalearn.data import ScanLoadError
     from monai_metalearn.transforms import BodyFrameError
 
     task = load_task_file(task_file, data_dir)
-    read, cut = _inference_stages(spatial_size, pixdim, body_coordinates)
+    if preprocessing is None:
+        read, cut = _inference_stages(spatial_size, pixdim, body_coordinates)
+    else:
+        stages = list(getattr(preprocessing, "transforms", ()))
+        if len(stages) == 2 and all(hasattr(t, "transforms") for t in stages):  # (once per scan, once per item)
+            read, cut = stages
+        else:
+            read, cut = dict, preprocessing
     classes = sorted({str(it["label"]) for it in task["support"]})
     scans: dict[tuple[str, str | None], dict[str, Any]] = {}  # a scan used by several items is read once
 
@@ -659,7 +757,10 @@ def predict_task(
                     entry["structure"] = item.get("mask_label")
                 out.append(cut(entry)["image"])
             except (ScanLoadError, BodyFrameError, RuntimeError, OSError) as err:
-                fail(f"{part}[{i}] {item['image']}: {str(err).splitlines()[0]}", DataError)
+                reason = _reason(err)  # the loading error, not MONAI's "applying transform" wrapper
+                if reason.startswith("roi: "):  # the task file's "mask", read under an internal key
+                    reason = "mask: " + reason[len("roi: "):]
+                fail(f"{part}[{i}] {item['image']}: {reason}", DataError)
         return torch.stack([torch.as_tensor(x) for x in out]).to(device)
 
     sx, qx = load(task["support"], "support"), load(task["query"], "query")
@@ -686,7 +787,8 @@ def predict_task(
         fail(f"the task has {len(classes)} classes but the model was trained {logits.shape[1]}-way: use at most "
              f"{logits.shape[1]} labels, or a learner without a fixed head (protonet, matching, finetune)",
                  TaskFileError)
-    probs = torch.softmax(logits[:, : len(classes)], dim=1).cpu()
+    logits = logits[:, : len(classes)]
+    probs = (torch.softmax(logits, dim=1) if postprocessing is None else torch.as_tensor(postprocessing(logits))).cpu()
     preds = [
         {
             **({"id": item["id"]} if "id" in item else {}),

@@ -33,6 +33,7 @@ from monai.transforms import MapTransform, Randomizable
 from monai_metalearn.transforms.intensity import CT_WINDOW, scale_intensity
 
 from monai_metalearn.apps.classification import (
+    LearnerNetwork,
     _patch_key,
     cached,
     check_cli_overrides,
@@ -56,6 +57,7 @@ __all__ = [
     "check_class_splits",
     "fail",
     "load_learner",
+    "LearnerNetwork",
     "load_segmentation_subjects",
     "fold_train_subjects",
     "segmentation_protocols",
@@ -532,6 +534,7 @@ def evaluate_segmentation(
     sw_batch_size: int = 4,
     overlap: float = 0.25,
     keep_largest_component: bool = True,
+    inferer: Any = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Meta-test on whole query volumes; writes ``output_dir/metrics.json``.
@@ -544,7 +547,9 @@ def evaluate_segmentation(
     whole support scans instead of patches and segment the whole query directly. A (protocol, K) whose structures
     have too few subjects is reported as such, not silently dropped. With
     ``keep_largest_component`` the predicted mask is reduced to its largest connected component before scoring
-    (:func:`largest_component`); the summaries then also hold ``raw``, the Dice without it.
+    (:func:`largest_component`); the summaries then also hold ``raw``, the Dice without it. ``inferer`` replaces
+    the sliding window of patch-based learners (``evaluate.json``'s ``inferer``; default
+    :func:`sliding_window_inferer` with ``patch_size``, ``sw_batch_size`` and ``overlap``).
 
     ``metrics.json``: ``dice`` (mean, ci95, n_episodes) and ``per_structure`` of the smallest K over all protocols,
     each summary also under ``slab`` for the Dice on the structure's axial slices only (the 3D analogue of the 2D
@@ -588,7 +593,8 @@ def evaluate_segmentation(
                 device=device, val_data_loader=episode_loader(episodes), learner=learner, task="segmentation",
                 prepare_episode=volume_prepare_episode if whole else default_prepare_episode,
                 amp=amp, progress=progress,
-                inferer=None if whole else sliding_window_inferer(patch_size, sw_batch_size, overlap),
+                inferer=None if whole else (inferer if inferer is not None
+                                            else sliding_window_inferer(patch_size, sw_batch_size, overlap)),
                 mask_postprocess=mask_postprocess(keep_largest_component),
                 val_handlers=[StatsHandler(iteration_log=False, name=f"evaluate_{name}_{k}shot")],
             )
@@ -704,7 +710,8 @@ def load_segmentation_task(path: str | os.PathLike, data_dir: str | None = None)
 
     ``image`` is a NIfTI/NRRD file or a DICOM series folder; ``label`` a mask on the same grid (non-zero voxels, or
     the voxels equal to the item's ``label_value``, are the structure). Relative paths are taken from the task file's
-    folder (or ``data_dir``). Intensities are scaled per image (see
+    folder (or ``data_dir``). An optional ``id`` per query names its mask (``<id>_seg.nii.gz``: a plain file name, no
+    folders). Intensities are scaled per image (see
     :func:`~monai_metalearn.transforms.scale_intensity`): ``intensity`` (top level or per item: ``"ct_hu"``,
     ``"ct_windowed"``, ``"mr"``) says what they are; else ``modality`` (``"CT"`` or ``"MR"``) and the values decide
     (:func:`~monai_metalearn.transforms.infer_intensity`): the HU window only for scans with Hounsfield air (below
@@ -736,6 +743,9 @@ def segment_task(
     overlap: float = 0.25,
     seed: int = 0,
     keep_largest_component: bool = True,
+    preprocessing: Any = None,
+    inferer: Any = None,
+    postprocessing: Any = None,
 ) -> dict[str, Any]:
     """Adapts ``learner`` to the task file's support scans and writes one mask per query to ``output_dir``.
 
@@ -744,11 +754,24 @@ def segment_task(
     query with a sliding window at ``pixdim`` (with ``keep_largest_component``, only the mask's largest connected
     component is kept: :func:`largest_component`), and the mask is resampled back (MONAI ``Invertd``: nearest
     neighbour) onto the query's own grid and saved (``SaveImaged``) as ``<query name>_seg.nii.gz``, with the query's
-    affine (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name).
+    affine (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name; the name is the query's
+    ``id`` when given, else its image's name). The masks are written once every query has been segmented, so a task
+    that fails leaves ``output_dir`` as it was.
     ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml.
 
     Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
-    unreadable scan (names the task item and file), a task file with no support or no query.
+    unreadable scan or one with NaN / infinite values (names the task item and file), a task file with no support or
+    no query, a query ``id`` that is not a plain file name.
+
+    Args:
+        preprocessing: reads a support item ``{"image", "label"}`` and a query item ``{"image"}`` (an invertible
+            MONAI transform: the query's mask is resampled back with ``Invertd`` through it); default
+            :func:`~monai_metalearn.data.scan_reader` with ``pixdim`` (``inference.json``'s ``preprocessing``).
+        inferer: ``inferer(volume, predictor) -> logits [1, C, *S]`` for patch-based learners; default
+            :func:`sliding_window_inferer` with ``patch_size``, ``sw_batch_size`` and ``overlap``.
+        postprocessing: maps one query's logits ``[C, *S]`` to its mask ``[1, *S]`` (e.g. ``AsDiscrete(argmax=True)``
+            then ``KeepLargestConnectedComponent``); default the arg-max, then :func:`largest_component` with
+            ``keep_largest_component``.
     """
     from monai.data import MetaTensor
     from monai.transforms import Invertd, SaveImaged
@@ -756,8 +779,9 @@ def segment_task(
     from monai_metalearn.data import ScanLoadError
 
     task = load_segmentation_task(task_file, data_dir)
+    names = _output_names(task["query"])  # before any work: an id that would leave output_dir is refused
     top_modality = task.get("modality")
-    support_read = _reader(pixdim, with_label=True)
+    support_read = _reader(pixdim, with_label=True) if preprocessing is None else preprocessing
     sampler = patch_transforms(patch_size, n_patches)
     whole = bool(getattr(learner, "whole_volume", False))
     xs, ys = [], []
@@ -800,13 +824,13 @@ def segment_task(
             predictor = learner.adapt(sx, sy)
     except ValueError as err:
         fail(f"cannot adapt to the support set of {task_file}: {err}", TaskFileError)
-    inferer = sliding_window_inferer(patch_size, sw_batch_size, overlap)
-    postprocess = mask_postprocess(keep_largest_component)
-    query_read = _reader(pixdim, with_label=False)
+    if inferer is None:
+        inferer = sliding_window_inferer(patch_size, sw_batch_size, overlap)
+    postprocess = mask_postprocess(keep_largest_component) if postprocessing is None else None
+    query_read = _reader(pixdim, with_label=False) if preprocessing is None else preprocessing
     saver = SaveImaged(keys="pred", output_dir=str(output_dir), output_postfix="seg", separate_folder=False,
                        resample=False, output_dtype=np.uint8, print_log=False)
-    outputs = []
-    used: set[str] = set()
+    outputs, masks = [], []
     for i, item in enumerate(task["query"]):
         where = f"query[{i}] {item['image']}"
         try:
@@ -818,29 +842,57 @@ def segment_task(
         x = scale_intensity(image.as_tensor(), kind)[None].to(device)
         with torch.no_grad():
             logits = predictor(x) if whole else inferer(x, predictor)
-        pred = (logits.argmax(1, keepdim=True) if logits.shape[1] > 1 else logits[:, :1] > 0).to(torch.uint8).cpu()
-        if postprocess is not None:
-            pred = postprocess(pred)
-        pred = pred[0]
+        if postprocessing is not None:
+            pred = torch.as_tensor(postprocessing(logits[0].detach().cpu())).to(torch.uint8)
+        else:
+            pred = (logits.argmax(1, keepdim=True) if logits.shape[1] > 1 else logits[:, :1] > 0).to(torch.uint8).cpu()
+            if postprocess is not None:
+                pred = postprocess(pred)
+            pred = pred[0]
         d["pred"] = MetaTensor(pred.reshape(image.shape), meta=dict(image.meta),
                                applied_operations=list(image.applied_operations))
         inverted = Invertd(keys="pred", transform=query_read, orig_keys="image", nearest_interp=True)(d)
         mask = inverted["pred"]
-        name = _output_name(item["image"])
-        if name in used:  # two queries with one base name (two DICOM folders called "series"): keep both masks
-            name = f"{name}_query{i}"
-        used.add(name)
+        name = names[i]
         meta = {**mask.meta, "filename_or_obj": f"{name}.nii.gz"}
         mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta=meta)
-        saver({"pred": mask})
+        masks.append(mask)
         path = Path(output_dir) / f"{name}_seg.nii.gz"
         voxel_ml = float(abs(np.linalg.det(np.asarray(mask.affine)[:3, :3]))) / 1000.0
-        outputs.append({"image": item["image"], "mask": str(path), "shape": list(mask.shape[1:]),
-                        "foreground_ml": round(float(mask.sum()) * voxel_ml, 3)})
+        outputs.append({**({"id": item["id"]} if "id" in item else {}), "image": item["image"], "mask": str(path),
+                        "shape": list(mask.shape[1:]), "foreground_ml": round(float(mask.sum()) * voxel_ml, 3)})
+    for mask in masks:  # written once every query has been read: a bad query leaves output_dir untouched
+        saver({"pred": mask})
     result = {"task_file": str(task_file), "k_shot": len(task["support"]), "segmentations": outputs}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "segmentations.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _output_names(queries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The base name of each query's mask (``<name>_seg.nii.gz`` in ``output_dir``): the query's ``id`` when given,
+    else its image's file or folder name without extension; ``<name>_query<i>`` when an earlier query has the same
+    name (two DICOM folders called ``series``), so no mask overwrites another.
+
+    Raises:
+        TaskFileError: an ``id`` that is not a plain file name (empty, ``.`` / ``..``, an absolute path or one with
+            folders, e.g. ``"../../evil"``): the mask would be written outside ``output_dir``.
+    """
+    names: list[str] = []
+    for i, item in enumerate(queries):
+        if item.get("id") is not None:
+            name = str(item["id"])
+            if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+                fail(f"task_file query[{i}] id {name!r} is not a plain file name (no folders, not '.' or '..'): "
+                     "it names the query's mask <id>_seg.nii.gz inside output_dir", TaskFileError)
+        else:
+            name = _output_name(item["image"])
+        if name in ("", ".", ".."):
+            name = f"query{i}"
+        if name in names:
+            name = f"{name}_query{i}"
+        names.append(name)
+    return names
 
 
 def _output_name(image: str) -> str:

@@ -2,6 +2,7 @@
 
 from monai_metalearn.data.episodes import (
     ClassificationEpisodeDataset,
+    EpochIndexSampler,
     SegmentationEpisodeDataset,
     can_draw_episode,
     episode_collate,
@@ -37,6 +38,7 @@ __all__ = [
     "ClassificationEpisodeDataset",
     "Episode",
     "EpisodeSampler",
+    "EpochIndexSampler",
     "FREESURFER_NAMES",
     "LPBA40_NAMES",
     "LabelIdError",

@@ -8,24 +8,42 @@ Each item of these datasets is a whole episode, a dict of stacked tensors:
 - segmentation: for one structure, ``support_image [K, C, D, H, W]`` with binary ``support_label [K, 1, D, H, W]``
   and ``query_image`` / ``query_label`` likewise, from different subjects, plus ``structure``.
 
-The base dataset's random transforms are re-seeded from ``(seed, episode, position)`` before each example is
-read, so an episode is the same tensor in any process and with any number of ``DataLoader`` workers.
+An episode is a pure function of ``(seed, epoch, index)``: the same tensors with ``num_workers=0``, with worker
+processes (``persistent_workers=True`` included), with thread workers (``monai.data.ThreadDataLoader``) and in any
+process. Three things make it so:
+
+- the random transforms (the base dataset's ``transform``, the segmentation support / query transforms) are seeded
+  from ``(seed, episode, position)`` before each example is read, and each thread of each process seeds and runs its
+  OWN deep copy of them, made on its first read (the base dataset is copied shallowly: its items and caches stay
+  shared), so two threads never draw from, or leave values in, the same ``RandomState`` (a transform that cannot be
+  deep-copied stays shared, and is then seeded and run under a lock);
+- the epoch set by :meth:`~ClassificationEpisodeDataset.set_epoch` lives in shared memory, so worker processes that
+  outlive an epoch (``persistent_workers=True``) see it as well as the main process;
+- :func:`episode_loader` hands the workers ``(epoch, index)`` pairs (:class:`EpochIndexSampler`) read when iteration
+  starts, so an episode's epoch travels with its index instead of being read later by the worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+import copy
+import os
+import threading
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
 
 from monai_metalearn.data.sampler import Episode, EpisodeSampler
+from monai_metalearn.errors import ConfigError, DataError
 from monai_metalearn.transforms.intensity import IGNORE_LABEL
 
 __all__ = [
     "ClassificationEpisodeDataset",
+    "EpochIndexSampler",
     "SegmentationEpisodeDataset",
     "can_draw_episode",
     "episode_collate",
@@ -44,15 +62,195 @@ def _raw_items(data: Any) -> Sequence[Mapping]:
     return raw
 
 
-def _read(data: Any, index: int, seed: int | None) -> Mapping:
-    """``data[index]`` with the dataset's random transforms seeded by ``seed``."""
+# Serialises seeding-and-reading for the rare base dataset or transform that cannot be deep-copied (it then stays
+# shared between threads), and the deep copies themselves (the original may be re-seeded meanwhile by MONAI's
+# ``worker_init_fn`` in a thread worker).
+_SHARED_LOCK = threading.RLock()
+
+# The epochs of all episodic datasets of a process: slots of shared-memory blocks (one file descriptor per block).
+_EPOCH_BLOCK_SIZE = 1024
+_EPOCH_LOCK = threading.Lock()
+_epoch_block: torch.Tensor | None = None
+_epoch_next = 0
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker must not inherit a lock held by another thread, nor hand out slots of its parent's block."""
+    global _SHARED_LOCK, _EPOCH_LOCK, _epoch_block
+    _SHARED_LOCK, _EPOCH_LOCK, _epoch_block = threading.RLock(), threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_COPY_ERRORS = (TypeError, AttributeError, RuntimeError, copy.Error)
+
+
+def _randomizable(obj: Any) -> bool:
+    return hasattr(obj, "set_random_state")
+
+
+def _private_data(data: Any) -> tuple[Any, bool]:
+    """``(dataset, shared)``: a shallow copy of ``data`` holding a deep copy of its random ``transform`` (items and
+    caches stay shared, random state does not), or ``data`` itself with ``shared=True`` when it cannot be copied.
+    Data without a random transform is returned as is (nothing to share)."""
     transform = getattr(data, "transform", None)
-    if seed is not None and hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed=int(seed))
-    item = data[index]
+    if not _randomizable(transform):
+        return data, False
+    try:
+        with _SHARED_LOCK:
+            own = copy.copy(data)
+            own.transform = copy.deepcopy(transform)
+    except _COPY_ERRORS:
+        return data, True
+    return own, False
+
+
+def _private_transforms(transforms: tuple) -> tuple[tuple, bool]:
+    """``(copies, shared)``: one deep copy of ``transforms`` (identities between them kept), or the originals with
+    ``shared=True`` when they cannot be copied."""
+    if not any(_randomizable(t) for t in transforms):
+        return transforms, False
+    try:
+        with _SHARED_LOCK:
+            return copy.deepcopy(transforms), False
+    except _COPY_ERRORS:
+        return transforms, True
+
+
+def _read(data: Any, index: int, seed: int | None, shared: bool = False) -> Mapping:
+    """``data[index]`` with the dataset's random transforms seeded by ``seed`` (under a lock when ``shared``: the
+    transform is also used by other threads)."""
+    transform = getattr(data, "transform", None)
+    seeded = seed is not None and _randomizable(transform)
+    with _SHARED_LOCK if shared and seeded else nullcontext():
+        if seeded:
+            transform.set_random_state(seed=int(seed))
+        item = data[index]
     if isinstance(item, list):  # a transform that returns several samples (e.g. RandCropByPosNegLabeld)
         item = item[0]
     return item
+
+
+def _shared_epoch(epoch: int = 0) -> torch.Tensor:
+    """A one-element view of a tensor in shared memory, set to ``epoch``: written by ``set_epoch`` in the main
+    process, read by the worker processes that hold a copy of the dataset (forked, or spawned: ``ForkingPickler``
+    sends the shared storage; persistent or not) and by threads. A plain pickle or deep copy holds a private copy."""
+    global _epoch_block, _epoch_next
+    with _EPOCH_LOCK:
+        if _epoch_block is None or _epoch_next == _EPOCH_BLOCK_SIZE:
+            _epoch_block, _epoch_next = torch.zeros(_EPOCH_BLOCK_SIZE, dtype=torch.int64).share_memory_(), 0
+        slot = _epoch_block[_epoch_next : _epoch_next + 1]
+        _epoch_next += 1
+    slot[0] = int(epoch)
+    return slot
+
+
+class _EpisodicDataset(TorchDataset):
+    """What both episodic datasets share: the epoch in shared memory, ``(epoch, index)`` item requests, and the
+    per-thread private copies of everything that holds random state."""
+
+    num_episodes: int
+
+    def _init_state(self) -> None:
+        self._epoch = _shared_epoch()
+        self._local = threading.local()
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (shared with the ``DataLoader`` worker processes); see :meth:`set_epoch`."""
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        if int(epoch) != epoch or epoch < 0:
+            raise ConfigError(f"{type(self).__name__}: epoch must be a non-negative integer, got {epoch!r}.")
+        self._epoch[0] = int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training: epoch ``e`` serves episodes ``e * num_episodes ... (e + 1) * num_episodes - 1`` of the sampler,
+        so every epoch sees new episodes while staying reproducible (``MetaTrainer`` calls this at each epoch start,
+        like ``DistributedSampler.set_epoch``). Evaluation datasets stay at epoch 0: a fixed list.
+
+        The epoch is held in shared memory: worker processes started before the call (``persistent_workers=True``)
+        read the new value too. Call it between epochs, before the loader's iterator is created.
+
+        Raises:
+            ConfigError: a negative or non-integer epoch.
+        """
+        self.epoch = epoch
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        """Does nothing: episodes seed their own random transforms from ``(seed, epoch, index)``. Defining it stops
+        MONAI's ``DataLoader`` (at construction and in its ``worker_init_fn``) from re-seeding the base dataset's
+        transforms, which thread workers share when they cannot be copied."""
+        return self
+
+    def _locate(self, index: Any) -> tuple[int, int]:
+        """``(epoch, index)`` of an item request: an episode number of the current epoch, or an ``(epoch, index)``
+        pair (what :class:`EpochIndexSampler` yields)."""
+        if isinstance(index, (tuple, list)):
+            if len(index) != 2:
+                raise IndexError(f"an episode is requested by its index or an (epoch, index) pair, got {index!r}.")
+            epoch, index = int(index[0]), int(index[1])
+            if epoch < 0:
+                raise IndexError(f"episode request {(epoch, index)}: the epoch must be >= 0.")
+        else:
+            epoch, index = self.epoch, int(index)
+        if not 0 <= index < self.num_episodes:
+            raise IndexError(f"episode {index} out of range 0..{self.num_episodes - 1}")
+        return epoch, index
+
+    def _private(self, name: str, make: Callable[[], Any]) -> Any:
+        """This thread's own ``make()`` result, made on first use in each thread of each process."""
+        local = self._local
+        value = getattr(local, name, None)
+        if value is None:
+            value = make()
+            setattr(local, name, value)
+        return value
+
+    def _base(self) -> tuple[Any, bool]:
+        """This thread's ``(base dataset, shared)``, see :func:`_private_data`."""
+        return self._private("data", lambda: _private_data(self.data))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_local", None)  # private copies are per thread and per process: made again where needed
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        if not self._epoch.is_shared():  # a plain pickle or deep copy: a fresh shared value for its own workers
+            self._epoch = _shared_epoch(int(self._epoch[0]))
+
+
+class EpochIndexSampler(Sampler):
+    """Yields ``(epoch, index)`` for the episodes ``0..len(dataset)-1`` of an episodic dataset, the epoch read from
+    ``dataset.epoch`` when iteration starts (in the process and thread that samples indices).
+
+    The epoch then travels with every index to the worker that builds the episode, so an episode never depends on
+    when a worker happens to read the dataset's epoch. :func:`episode_loader` uses it by default.
+
+    Args:
+        dataset: a :class:`ClassificationEpisodeDataset` or :class:`SegmentationEpisodeDataset` (anything with
+            ``__len__`` and an ``epoch`` attribute).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "epoch"):
+            raise ConfigError(
+                f"EpochIndexSampler needs an episodic dataset with an epoch; got {type(dataset).__name__}."
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(self.dataset.epoch)
+        return iter([(epoch, i) for i in range(len(self.dataset))])
 
 
 def _stack(values: list, what: str) -> torch.Tensor | list:
@@ -86,7 +284,7 @@ def _item_seed(seed: int, episode: int, position: int) -> int:
     return int(np.random.default_rng([seed, episode, position, 7]).integers(0, 2**31 - 1))
 
 
-class ClassificationEpisodeDataset(TorchDataset):
+class ClassificationEpisodeDataset(_EpisodicDataset):
     """N-way K-shot Q-query classification episodes over a MONAI dataset of labelled examples.
 
     Class and subject of each example are read from the base dataset's untransformed datalist (``data.data``
@@ -100,7 +298,7 @@ class ClassificationEpisodeDataset(TorchDataset):
         classes: classes allowed in episodes (one meta-split); default all.
         class_key, subject_key, image_key: keys of class name, subject id and image in the items.
         cross_subject: support and query never share a subject.
-        seed: episodes and the random transforms inside them are functions of ``(seed, episode index)``.
+        seed: episodes and the random transforms inside them are functions of ``(seed, epoch, episode index)``.
         support_subjects, query_subjects: with ``cross_subject``, the subjects allowed on each side (e.g. CT support,
             MR query); see :class:`~monai_metalearn.data.EpisodeSampler`.
 
@@ -145,7 +343,7 @@ class ClassificationEpisodeDataset(TorchDataset):
         self.subjects = subjects
         self.num_episodes = int(num_episodes)
         self.image_key, self.seed = image_key, int(seed)
-        self.epoch = 0
+        self._init_state()
 
     @property
     def classes(self) -> list[Hashable]:
@@ -154,23 +352,19 @@ class ClassificationEpisodeDataset(TorchDataset):
     def __len__(self) -> int:
         return self.num_episodes
 
-    def set_epoch(self, epoch: int) -> None:
-        """Training: epoch ``e`` serves episodes ``e * num_episodes ... (e + 1) * num_episodes - 1`` of the sampler,
-        so every epoch sees new episodes while staying reproducible (``MetaTrainer`` calls this at each epoch start,
-        like ``DistributedSampler.set_epoch``). Evaluation datasets stay at epoch 0: a fixed list."""
-        self.epoch = int(epoch)
+    def episode(self, index: int, epoch: int | None = None) -> Episode:
+        """The indices of episode ``index`` of ``epoch`` (default: the current epoch); no image is read."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        return self.sampler.episode(epoch * self.num_episodes + index)
 
-    def episode(self, index: int) -> Episode:
-        """The indices of episode ``index`` of the current epoch (no image is read)."""
-        return self.sampler.episode(self.epoch * self.num_episodes + index)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_episodes:
-            raise IndexError(f"episode {index} out of range 0..{self.num_episodes - 1}")
-        ep = self.episode(index)
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Episode ``index`` of the current epoch, or of ``epoch`` for an ``(epoch, index)`` pair."""
+        epoch, index = self._locate(index)
+        ep = self.episode(index, epoch)
+        data, shared = self._base()
         images = []
         for pos, j in enumerate(ep.support + ep.query):
-            item = _read(self.data, j, _item_seed(self.seed, ep.index, pos))
+            item = _read(data, j, _item_seed(self.seed, ep.index, pos), shared)
             if self.image_key not in item:
                 raise KeyError(f"example {j} has no {self.image_key!r} after its transforms (keys: {sorted(item)}).")
             images.append(item[self.image_key])
@@ -188,7 +382,7 @@ class ClassificationEpisodeDataset(TorchDataset):
         }
 
 
-class SegmentationEpisodeDataset(TorchDataset):
+class SegmentationEpisodeDataset(_EpisodicDataset):
     """K-shot segmentation episodes: one structure, K support and Q query (image, binary mask) pairs from
     different subjects.
 
@@ -208,7 +402,7 @@ class SegmentationEpisodeDataset(TorchDataset):
         episode_transform: callable on ``{"image", "label"}`` dicts after the structure is selected, for support and
             query alike; its random state is seeded per example when it has ``set_random_state``.
         structures_key, subject_key, image_key, label_key: keys in the items.
-        seed: episodes are functions of ``(seed, index)``.
+        seed: episodes are functions of ``(seed, epoch, index)``.
         stack: stack examples into ``[K, C, ...]`` tensors (needs equal shapes); if False, lists of tensors
             (whole volumes of different sizes, for sliding-window evaluation).
         support_transform, query_transform: per-side transforms replacing ``episode_transform`` (e.g. support
@@ -225,8 +419,8 @@ class SegmentationEpisodeDataset(TorchDataset):
 
     Raises:
         ValueError: a structure present in fewer than ``k_shot + q_query`` distinct subjects (or in too few of the
-            allowed support / query subjects; the message lists the subjects that have it), an unknown structure,
-            or an empty structure list.
+            allowed support / query subjects; the message lists the subjects that have it: a
+            :class:`~monai_metalearn.errors.DataError`), an unknown structure, or an empty structure list.
     """
 
     def __init__(
@@ -272,7 +466,7 @@ class SegmentationEpisodeDataset(TorchDataset):
         self.query_transform = query_transform if query_transform is not None else episode_transform
         self.num_episodes, self.seed, self.stack = int(num_episodes), int(seed), bool(stack)
         self.balanced = bool(balanced)
-        self.epoch = 0
+        self._init_state()
 
         # one example per subject and structure: subject -> first item index holding the structure
         self.index: dict[str, dict[str, int]] = {}
@@ -307,7 +501,7 @@ class SegmentationEpisodeDataset(TorchDataset):
                 f" (support from {self.support_subjects or 'any subject'}, "
                 f"query from {self.query_subjects or 'any subject'})"
             )
-            raise ValueError(
+            raise DataError(
                 f"{len(short)} structure(s) are present in fewer than k_shot + q_query = {need} distinct subjects"
                 f"{where}: " + "; ".join(f"{s!r} in {subs}" for s, subs in short.items())
             )
@@ -321,13 +515,11 @@ class SegmentationEpisodeDataset(TorchDataset):
     def __len__(self) -> int:
         return self.num_episodes
 
-    def set_epoch(self, epoch: int) -> None:
-        """See :meth:`ClassificationEpisodeDataset.set_epoch`."""
-        self.epoch = int(epoch)
-
-    def episode(self, index: int) -> tuple[str, list[int], list[int]]:
-        """``(structure, support item indices, query item indices)`` of episode ``index`` of the current epoch."""
-        position = self.epoch * self.num_episodes + int(index)
+    def episode(self, index: int, epoch: int | None = None) -> tuple[str, list[int], list[int]]:
+        """``(structure, support item indices, query item indices)`` of episode ``index`` of ``epoch`` (default: the
+        current epoch)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        position = epoch * self.num_episodes + int(index)
         rng = np.random.default_rng([self.seed, position])
         if self.balanced:
             structure = self.structures[position % len(self.structures)]
@@ -370,26 +562,34 @@ class SegmentationEpisodeDataset(TorchDataset):
         ids = [i for s in present for i in resolve_structure(s, names)[1]]
         return structure_mask(torch.as_tensor(item[self.keys[1]]), ids, "ignored structures").bool()
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.num_episodes:
-            raise IndexError(f"episode {index} out of range 0..{self.num_episodes - 1}")
-        structure, support, query = self.episode(index)
+    def _transforms(self) -> tuple[tuple, bool]:
+        """This thread's ``((support_transform, query_transform), shared)``, see :func:`_private_transforms`."""
+        return self._private("transforms", lambda: _private_transforms((self.support_transform, self.query_transform)))
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        """Episode ``index`` of the current epoch, or of ``epoch`` for an ``(epoch, index)`` pair."""
+        epoch, index = self._locate(index)
+        position = epoch * self.num_episodes + index
+        structure, support, query = self.episode(index, epoch)
+        data, shared_data = self._base()
+        (support_transform, query_transform), shared = self._transforms()
         select = self._select(keys=self.keys[1], structure=structure, label_names_key=self.structures_key)
         sides: dict[str, tuple[list, list]] = {"support": ([], []), "query": ([], [])}
         for pos, j in enumerate(support + query):
             side = "support" if pos < len(support) else "query"
-            transform = self.support_transform if side == "support" else self.query_transform
-            seed = _item_seed(self.seed, self.epoch * self.num_episodes + index, pos)
-            item = dict(_read(self.data, j, seed))
+            transform = support_transform if side == "support" else query_transform
+            seed = _item_seed(self.seed, position, pos)
+            item = dict(_read(data, j, seed, shared_data))
             ignore = self._ignore_mask(item)
             item = select(item)
             if ignore is not None:
                 mask = item[self.keys[1]]
                 item[self.keys[1]] = torch.where(ignore, torch.full_like(mask, IGNORE_LABEL), mask)
             if transform is not None:
-                if hasattr(transform, "set_random_state"):
-                    transform.set_random_state(seed=seed)
-                item = transform(item)
+                with _SHARED_LOCK if shared and _randomizable(transform) else nullcontext():
+                    if _randomizable(transform):
+                        transform.set_random_state(seed=seed)
+                    item = transform(item)
             for sample in item if isinstance(item, list) else [item]:
                 sides[side][0].append(sample[self.keys[0]])
                 sides[side][1].append(sample[self.keys[1]])
@@ -404,7 +604,7 @@ class SegmentationEpisodeDataset(TorchDataset):
             structure=structure,
             support_subject=[str(raw[j][self.subject_key]) for j in support],
             query_subject=[str(raw[j][self.subject_key]) for j in query],
-            episode=self.epoch * self.num_episodes + index,
+            episode=position,
         )
         return out
 
@@ -418,11 +618,27 @@ def episode_collate(batch: Any) -> Any:
 def episode_loader(dataset: TorchDataset, meta_batch_size: int | None = None, num_workers: int = 0, **kwargs):
     """A ``monai.data.DataLoader`` that yields one episode (or a list of ``meta_batch_size`` episodes) per step.
 
-    Episodes are reproducible with any ``num_workers``: each is a function of its index and the dataset seed.
+    Episodes are reproducible with any ``num_workers`` (``persistent_workers=True`` included): each is a function of
+    the dataset seed, its epoch and its index. Unless ``sampler``, ``batch_sampler`` or ``shuffle=True`` is given,
+    an episodic dataset is sampled by :class:`EpochIndexSampler`: the epoch current when an epoch's iteration starts
+    goes with every index to the workers.
+
+    Args:
+        dataset: an episodic dataset (or any dataset of ready episodes).
+        meta_batch_size: ``None``: one episode per step; an integer: lists of that many episodes.
+        num_workers: ``DataLoader`` worker processes.
+        kwargs: further ``monai.data.DataLoader`` arguments.
     """
     from monai.data import DataLoader
 
     kwargs.setdefault("shuffle", False)
+    if (
+        isinstance(dataset, _EpisodicDataset)
+        and not kwargs["shuffle"]
+        and kwargs.get("sampler") is None
+        and kwargs.get("batch_sampler") is None
+    ):
+        kwargs["sampler"] = EpochIndexSampler(dataset)
     return DataLoader(
         dataset, batch_size=meta_batch_size, num_workers=num_workers, collate_fn=episode_collate, **kwargs
     )

@@ -5,7 +5,8 @@ Checked loading of scans: MONAI's ``LoadImage`` underneath, one clear error for 
 
 :class:`LoadScan` / :class:`LoadScand` read NIfTI, NRRD (ITK), DICOM series folders (ITK/GDCM, including JPEG 2000
 lossless) and ``"file.npz#key"`` arrays (:class:`~monai_metalearn.data.readers.NpzReader`), channel-first, and
-raise :class:`ScanLoadError` (a ``RuntimeError``) whose message starts with the key and the file path when:
+raise :class:`ScanLoadError` (a :class:`~monai_metalearn.errors.DataError` and a ``RuntimeError``) whose message
+starts with the key and the file path when:
 
 - the file or folder does not exist;
 - it cannot be read (truncated or garbage NIfTI, a DICOM folder with files that are not slices of its series, an
@@ -35,7 +36,7 @@ from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import get_equivalent_dtype, optional_import
 
 from monai_metalearn.data.readers import NpzReader, split_npz_path
-from monai_metalearn.errors import MetaLearnError
+from monai_metalearn.errors import DataError
 
 # On machines without NVIDIA's nvImageCodec, MONAI logs a warning each time a DICOM series is read; the pydicom
 # fallback it announces is exactly what we use, so the message is noise in every progress bar.
@@ -56,9 +57,12 @@ __all__ = [
 ]
 
 
-class ScanLoadError(MetaLearnError, RuntimeError):
+class ScanLoadError(DataError, RuntimeError):
     """
     A scan is missing, unreadable, not finite, or does not fit its partner's grid.
+
+    A :class:`~monai_metalearn.errors.DataError` (so also a ``ValueError``) and, as MONAI's own loading errors, a
+    ``RuntimeError``.
 
     Args:
         message: the full message, starting with the key (if any) and the path.

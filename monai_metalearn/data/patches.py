@@ -13,6 +13,7 @@ seconds, against minutes if every (subject, structure) pair re-read its file.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -163,7 +164,7 @@ def patch_transforms(
     Args:
         spatial_size: patch size.
         jitter: random shift of the box centre, as a fraction of the box size (0 for evaluation-time determinism
-            is not needed: episodes re-seed these transforms).
+            is not needed: episodes seed their own copies of these transforms per example).
         scale_range: random scaling of the box.
         synthesize: synthesize images for examples without one (else such examples raise ``KeyError``).
         augment: random jitter/scale (False: the centred box, e.g. for inference).
@@ -218,7 +219,9 @@ def render_patches(
     Meta-training wants fresh random views every episode; meta-testing wants every learner to see the *same*
     views and no transform cost per episode. The returned items keep ``class``, ``subject``, ``view``,
     ``modality``, ``source``, ``synthetic`` and hold ``keys`` as plain tensors (``label`` maps are dropped: they
-    would carry the answer and are not needed to classify). Item ``i``'s view depends only on ``(seed, i)``.
+    would carry the answer and are not needed to classify). Item ``i``'s view depends only on ``(seed, i)``: a
+    private copy of ``transform`` is seeded and run, so the caller's transform keeps its random state and several
+    threads may render with one transform at once.
 
     Args:
         patches: :func:`build_structure_patches` output.
@@ -230,6 +233,7 @@ def render_patches(
     from tqdm.auto import tqdm
 
     meta_keys = ("class", "subject", "view", "modality", "source", "synthetic", "structure_id")
+    transform = copy.deepcopy(transform)
     out = []
     for i, item in enumerate(tqdm(patches, desc="render views", disable=not progress)):
         if hasattr(transform, "set_random_state"):

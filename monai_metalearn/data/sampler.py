@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from monai_metalearn.errors import ConfigError, DataError
+
 __all__ = ["Episode", "EpisodeSampler", "split_classes", "check_disjoint_splits"]
 
 _MAX_PARTITION_TRIES = 256
@@ -59,7 +61,9 @@ class EpisodeSampler:
         ValueError: ``n_way``/``k_shot``/``q_query`` below 1, ``labels`` and ``subjects`` of different
             lengths, a requested class with no example, more ways than classes, a class with fewer than
             ``k_shot + q_query`` examples, or (cross-subject) a class whose subjects cannot give K support and
-            Q query examples from disjoint subjects. Messages name the classes and their counts.
+            Q query examples from disjoint subjects. Messages name the classes and their counts. More ways than
+            classes is a :class:`~monai_metalearn.errors.ConfigError`, a class with no or too few examples a
+            :class:`~monai_metalearn.errors.DataError` (both ``ValueError`` subclasses).
 
     Example::
 
@@ -113,7 +117,7 @@ class EpisodeSampler:
             classes = list(classes)
             missing = [c for c in classes if c not in by_class]
             if missing:
-                raise ValueError(f"classes {missing} have no example; available classes: {sorted(by_class, key=str)}.")
+                raise DataError(f"classes {missing} have no example; available classes: {sorted(by_class, key=str)}.")
             if len(set(classes)) != len(classes):
                 raise ValueError(f"classes contains duplicates: {classes}.")
         self.classes: list[Hashable] = list(classes)
@@ -123,13 +127,13 @@ class EpisodeSampler:
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         if self.n_way > len(self.classes):
-            raise ValueError(
+            raise ConfigError(
                 f"n_way={self.n_way} but only {len(self.classes)} classes are available: {self.classes}."
             )
         need = self.k_shot + self.q_query
         short = {c: len(ix) for c, ix in self.index.items() if len(ix) < need}
         if short:
-            raise ValueError(
+            raise DataError(
                 f"{len(short)} class(es) have fewer than k_shot + q_query = {need} examples: "
                 + ", ".join(f"{c!r} ({n})" for c, n in sorted(short.items(), key=lambda t: str(t[0])))
                 + ". Lower k_shot/q_query or drop these classes."
@@ -141,7 +145,7 @@ class EpisodeSampler:
                 if not self._class_feasible(per_subject):
                     bad[c] = dict(sorted((str(s), len(v)) for s, v in per_subject.items()))
             if bad:
-                raise ValueError(
+                raise DataError(
                     f"cross_subject=True: {len(bad)} class(es) cannot give {self.k_shot} support and {self.q_query} "
                     "query examples from disjoint subjects (examples per subject): "
                     + "; ".join(f"{c!r}: {v}" for c, v in sorted(bad.items(), key=lambda t: str(t[0])))

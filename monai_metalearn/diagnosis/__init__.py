@@ -7,10 +7,25 @@
 - :mod:`~monai_metalearn.diagnosis.biomarkers`: cardiac biomarkers from ED/ES masks (volumes, ejection fractions,
   mass, ratios, wall thickness), :class:`BiomarkerClassifier` fitted on the support alone, and
   :func:`evaluate_biomarker_episodes`.
+- :mod:`~monai_metalearn.diagnosis.adrenal`: AdrenalMNIST3D cases (one per volume, official splits), 2-way K-shot
+  episodes with train-split support and test-split queries, shape biomarkers of the masks (volume, surface,
+  sphericity, principal axes, extents) and the case-level accuracy summary.
 """
 
 from __future__ import annotations
 
+from .adrenal import (
+    ADRENAL_SPLIT_SIZES,
+    SHAPE_BIOMARKER_NAMES,
+    adrenal_cases,
+    adrenal_episodes,
+    adrenal_summary,
+    evaluate_episodes,
+    learner_predictor,
+    shape_biomarker_matrix,
+    shape_biomarkers,
+    shape_predictor,
+)
 from .biomarkers import (
     BIOMARKER_NAMES,
     DEFAULT_LABELS,
@@ -52,4 +67,15 @@ __all__ = [
     "cardiac_biomarkers",
     "evaluate_biomarker_episodes",
     "myocardial_thickness",
+    # adrenal shapes
+    "ADRENAL_SPLIT_SIZES",
+    "SHAPE_BIOMARKER_NAMES",
+    "adrenal_cases",
+    "adrenal_episodes",
+    "adrenal_summary",
+    "evaluate_episodes",
+    "learner_predictor",
+    "shape_biomarker_matrix",
+    "shape_biomarkers",
+    "shape_predictor",
 ]

@@ -13,11 +13,11 @@ from monai.engines.evaluator import Evaluator
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 
 from monai_metalearn.engines.utils import (
-    autocast_context,
     default_prepare_episode,
     is_meta_batch,
     resolve_amp_dtype,
 )
+from monai_metalearn.learners.precision import amp_scope, forward_autocast
 from monai_metalearn.metrics import EpisodeAccuracy, EpisodeDice, binary_dice, mean_ci95, mean_ci95_subjects, slab_dice, summarize
 
 if TYPE_CHECKING:
@@ -73,7 +73,9 @@ class MetaEvaluator(Evaluator):
         additional_metrics: more ignite metrics.
         metric_cmp_fn: compares the key metric with the best so far.
         val_handlers: handlers with ``attach(engine)``.
-        amp: run adaptation and prediction under ``torch.autocast`` (float16 on CUDA, bfloat16 on the CPU).
+        amp: run adaptation and prediction under ``torch.autocast`` (bfloat16 on the CPU and on CUDA devices that
+            support it, float16 otherwise); learners take their inner-loop gradients and fit their heads with
+            autocast disabled (see :mod:`monai_metalearn.learners.precision`).
         amp_dtype: autocast dtype override.
         mode: ``"eval"`` (``learner.eval()``) or ``"train"`` (``learner.train()``, e.g. transductive BatchNorm)
             during evaluation; the learner's previous mode is restored afterwards.
@@ -336,7 +338,8 @@ class MetaEvaluator(Evaluator):
             engine.learner.train(engine.learner_mode == "train")
             if engine.restore_state and engine._snapshot is None:
                 engine._take_snapshot()
-            with torch.enable_grad(), autocast_context(engine.amp, device, engine.amp_dtype, **engine.amp_kwargs):
+            with torch.enable_grad(), amp_scope(engine.amp, device, engine.amp_dtype, **engine.amp_kwargs), \
+                    forward_autocast():
                 predictor = engine.learner.adapt(sx, sy)
                 with torch.no_grad():
                     logits = predictor(qx) if engine.inferer is None else engine.inferer(qx, predictor)

@@ -11,12 +11,13 @@ from monai.engines.trainer import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from torch.optim.optimizer import Optimizer
 
+from monai_metalearn.engines.distributed import MetaGradientSync
 from monai_metalearn.engines.utils import (
-    autocast_context,
     default_prepare_episode,
     is_meta_batch,
     resolve_amp_dtype,
 )
+from monai_metalearn.learners.precision import amp_scope
 
 if TYPE_CHECKING:
     from ignite.engine import EventEnum
@@ -47,7 +48,7 @@ class MetaTrainer(Trainer):
     ``query_label``, ...) per iteration, which goes to ``learner.outer_step(sx, sy, qx, qy, optimizer, scaler)``,
     or a list of episode dicts (a meta-batch), which goes to ``learner.meta_batch_step(tasks, optimizer, scaler)``.
     The learner computes the meta-loss, back-propagates and steps the optimizer; the trainer moves the episode to
-    the device, wraps the step in ``torch.autocast`` when ``amp`` is on, and counts episodes.
+    the device, runs the step in an AMP scope when ``amp`` is on (see below), and counts episodes.
 
     ``engine.state.output`` is a list with one dict per episode of the iteration, each holding the learner's
     statistics of the step (``loss`` and ``accuracy``, or ``dice``) as floats, replicated like MONAI's decollated
@@ -56,9 +57,13 @@ class MetaTrainer(Trainer):
     on (the iteration count when each iteration is one episode); it is part of ``state_dict`` so that
     ``CheckpointSaver``/``CheckpointLoader`` with ``{"trainer": trainer}`` resume it with the iteration count.
 
-    AMP: ``amp=True`` runs the learner step under ``torch.autocast(device.type, dtype=amp_dtype)``; ``amp_dtype``
-    defaults to float16 on CUDA (with a ``torch.amp.GradScaler`` handed to the learner as ``scaler``; it is created
-    once, so ``{"scaler": trainer.scaler}`` can be checkpointed) and bfloat16 on the CPU (no scaler).
+    AMP: ``amp=True`` runs the learner step inside :func:`~monai_metalearn.learners.precision.amp_scope`: the
+    learner computes its forward passes and losses under ``torch.autocast(device.type, dtype=amp_dtype)`` and its
+    backward passes, inner-loop gradients and optimizer steps with autocast disabled (the policy of
+    :mod:`monai_metalearn.learners.precision`). ``amp_dtype`` defaults to bfloat16 on the CPU and on CUDA devices
+    that support it, float16 on older GPUs; with float16 a ``torch.amp.GradScaler`` is handed to the learner as
+    ``scaler`` (it is created once, so ``{"scaler": trainer.scaler}`` can be checkpointed) and the inner loops scale
+    their losses themselves.
 
     Args:
         device: where the episodes go and the learner lives, see :func:`~monai_metalearn.engines.default_device`.
@@ -76,13 +81,18 @@ class MetaTrainer(Trainer):
         metric_cmp_fn: compares the key metric with the best so far.
         train_handlers: handlers with ``attach(engine)`` (``StatsHandler``, ``CheckpointSaver`` ...).
         amp: mixed precision, see above.
-        amp_dtype: autocast dtype, default float16 on CUDA and bfloat16 on the CPU.
+        amp_dtype: autocast dtype (``"float16"``, ``"bfloat16"``), default bfloat16 where supported, else float16.
         event_names: additional custom ignite events.
         event_to_attr: maps events to ``engine.state`` attributes.
         decollate: MONAI decollation of batch and output at ``MODEL_COMPLETED`` (outputs are already per episode).
         to_kwargs: further ``Tensor.to`` arguments for ``prepare_episode``.
         amp_kwargs: further ``torch.autocast`` arguments.
         progress: attach an ignite ``ProgressBar`` (tqdm) showing the loss.
+        distributed: one rank of a distributed run (see :mod:`monai_metalearn.engines.distributed`): the learner is
+            broadcast from rank 0, the meta-gradients are averaged over the ranks before each optimizer step
+            (:class:`~monai_metalearn.engines.distributed.MetaGradientSync`), and ``state.output`` and
+            ``state.episode`` hold the statistics and episode counts of all ranks. Needs an initialised process
+            group and a loader of this rank's share of each meta-batch (``distributed_episode_loader``).
 
     Example::
 
@@ -119,6 +129,7 @@ class MetaTrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
         progress: bool = False,
+        distributed: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -146,8 +157,11 @@ class MetaTrainer(Trainer):
         self.state.episode = 0
         self.state_dict_user_keys.append("episode")
         self.amp_dtype = resolve_amp_dtype(self.state.device, amp_dtype)
+        self.sync: MetaGradientSync | None = MetaGradientSync(learner, optimizer) if distributed else None
         use_scaler = amp and self.state.device.type == "cuda" and self.amp_dtype == torch.float16
-        self.scaler: torch.amp.GradScaler | None = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler: torch.amp.GradScaler | None = None
+        if use_scaler:
+            self.scaler = torch.amp.GradScaler("cuda") if self.sync is None else self.sync.grad_scaler("cuda")
         if progress:
             from ignite.handlers import ProgressBar
 
@@ -202,13 +216,18 @@ class MetaTrainer(Trainer):
         tasks = [engine.prepare_episode(ep, device, engine.non_blocking, **engine.to_kwargs) for ep in episodes]
 
         engine.learner.train()
-        with autocast_context(engine.amp, device, engine.amp_dtype, **engine.amp_kwargs):
+        if engine.sync is not None:
+            engine.sync.begin_step()
+        with amp_scope(engine.amp, device, engine.amp_dtype, **engine.amp_kwargs):  # autocast: forward passes only
             if meta_batch:
                 stats = engine.learner.meta_batch_step(tasks, engine.optimizer, scaler=engine.scaler)
             else:
                 stats = engine.learner.outer_step(*tasks[0], engine.optimizer, scaler=engine.scaler)
         stats = {k: _to_float(v) for k, v in dict(stats or {}).items()}
-        engine.state.episode += len(tasks)
+        n_tasks = len(tasks)
+        if engine.sync is not None:  # all ranks: same weights, statistics and episode count of the global meta-batch
+            stats, n_tasks = engine.sync.end_step(stats, n_tasks)
+        engine.state.episode += n_tasks
         engine.state.output = [dict(stats) for _ in tasks]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

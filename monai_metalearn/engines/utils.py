@@ -76,9 +76,12 @@ def default_prepare_episode(
 
 
 def resolve_amp_dtype(device: torch.device, amp_dtype: torch.dtype | str | None = None) -> torch.dtype:
-    """The autocast dtype: ``amp_dtype`` if given, else float16 on CUDA and bfloat16 elsewhere (CPU autocast)."""
+    """The autocast dtype: ``amp_dtype`` if given, else bfloat16 on the CPU and on CUDA devices that support it, float16
+    on older GPUs (:func:`~monai_metalearn.learners.precision.default_amp_dtype`)."""
     if amp_dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        from monai_metalearn.learners.precision import default_amp_dtype
+
+        return default_amp_dtype(device)
     if isinstance(amp_dtype, str):
         dtype = getattr(torch, amp_dtype.replace("torch.", ""), None)
         if not isinstance(dtype, torch.dtype):

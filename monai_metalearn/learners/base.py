@@ -12,6 +12,10 @@ predictor ``x -> logits``), :meth:`Learner.outer_step` (one meta-update; the onl
 
 BatchNorm: see :mod:`monai_metalearn.networks.batchnorm`. Meta-learners default to ``"transductive"`` (per-task batch
 statistics, running statistics never updated); GroupNorm, the default of the package's encoder, needs none of this.
+
+Mixed precision: see :mod:`monai_metalearn.learners.precision`. :meth:`Learner.outer_step` and
+:meth:`Learner.meta_batch_step` compute the meta-loss under :func:`~monai_metalearn.learners.precision.forward_autocast`
+(the autocast of the engine's ``amp_scope``) and back-propagate and step with autocast disabled.
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from torch.func import functional_call
 
 from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm_mode
 
+from .precision import forward_autocast, no_autocast
+
 __all__ = [
     "Episode",
     "Learner",
     "FunctionalPredictor",
+    "NarrowedPredictor",
     "accuracy",
     "check_episode",
     "infer_n_way",
     "is_classification_target",
+    "narrow_logits",
     "average_metrics",
 ]
 
@@ -81,6 +89,7 @@ def check_episode(
     query_x: Tensor | None = None,
     query_y: Tensor | None = None,
     n_way: int | None = None,
+    max_n_way: int | None = None,
 ) -> int | None:
     """Check one episode's shapes and labels; return ``N`` for classification labels, ``None`` otherwise.
 
@@ -89,7 +98,9 @@ def check_episode(
         support_y: ``[N*K]`` class ids, or any per-sample target with the same first dimension.
         query_x: ``[N*Q, C, *spatial]`` (optional).
         query_y: targets of ``query_x`` (given together with ``query_x``).
-        n_way: the expected ``N`` (e.g. the head size); checked against the labels when given.
+        n_way: the expected ``N``; checked against the labels when given.
+        max_n_way: the largest ``N`` allowed (e.g. the width of a classification head, whose first ``N`` outputs
+            serve an episode of ``N`` classes).
 
     Raises:
         ValueError: naming what is wrong: empty support, mismatched batch sizes, support and query samples of
@@ -118,6 +129,10 @@ def check_episode(
     inferred = infer_n_way(support_y)
     if n_way is not None and inferred != n_way:
         raise ValueError(f"support_y has {inferred} classes but the learner was built for n_way={n_way}")
+    if max_n_way is not None and inferred > max_n_way:
+        raise ValueError(
+            f"support_y has {inferred} classes but the learner's head has {max_n_way} outputs (n_way={max_n_way})"
+        )
     if query_y is not None:
         if not is_classification_target(query_y):
             raise ValueError(f"query_y must be 1-D integer class ids like support_y, got shape {tuple(query_y.shape)}")
@@ -132,6 +147,31 @@ def average_metrics(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
         return {}
     keys = [k for k in metrics[0] if all(k in m for m in metrics)]
     return {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in keys}
+
+
+def narrow_logits(logits: Tensor, n_way: int | None) -> Tensor:
+    """The first ``n_way`` columns of ``[B, C]`` classification logits (all of them when ``n_way`` is ``None`` or
+    ``C == n_way``): a head built for ``C`` classes serves an episode of fewer classes with its first outputs."""
+    if n_way is None or logits.dim() != 2 or logits.shape[1] <= n_way:
+        return logits
+    return logits[:, :n_way]
+
+
+class NarrowedPredictor:
+    """A predictor whose logits are cut to an episode's ``n_way`` classes (:func:`narrow_logits`); other attributes
+    (``params``, ``adapted``, ...) are those of the wrapped predictor."""
+
+    def __init__(self, predictor: Callable[[Tensor], Tensor], n_way: int | None) -> None:
+        self.predictor = predictor
+        self.n_way = n_way
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return narrow_logits(self.predictor(x), self.n_way)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "predictor":  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.predictor, name)
 
 
 class FunctionalPredictor:
@@ -199,13 +239,15 @@ class Learner(nn.Module):
 
     @staticmethod
     def _backward_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: Any | None) -> None:
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        """``loss.backward()`` (through ``scaler`` if given) and the optimizer step, with autocast disabled."""
+        with no_autocast(loss.device.type):
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
 
     def outer_step(
         self,
@@ -217,6 +259,9 @@ class Learner(nn.Module):
         scaler: Any | None = None,
     ) -> dict[str, float]:
         """One meta-update from one episode: zero_grad, :meth:`meta_loss`, backward (through ``scaler``), step.
+
+        The meta-loss is computed under :func:`~monai_metalearn.learners.precision.forward_autocast`; the backward
+        pass and the step run with autocast disabled.
 
         Args:
             support_x: ``[N*K, C, D, H, W]``.
@@ -230,7 +275,8 @@ class Learner(nn.Module):
             the metrics of :meth:`meta_loss`.
         """
         optimizer.zero_grad(set_to_none=True)
-        loss, metrics = self.meta_loss(support_x, support_y, query_x, query_y)
+        with forward_autocast():
+            loss, metrics = self.meta_loss(support_x, support_y, query_x, query_y)
         self._backward_step(loss, optimizer, scaler)
         return metrics
 
@@ -259,15 +305,18 @@ class Learner(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         all_metrics = []
         for episode in episodes:
-            loss, metrics = self.meta_loss(*episode)
-            loss = loss / len(episodes)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            with forward_autocast():
+                loss, metrics = self.meta_loss(*episode)
+                loss = loss / len(episodes)
+            with no_autocast(loss.device.type):
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             all_metrics.append(metrics)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        with no_autocast(loss.device.type):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         out = average_metrics(all_metrics)
         out["tasks"] = float(len(episodes))
         return out

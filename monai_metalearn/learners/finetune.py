@@ -15,6 +15,11 @@ back to global class ids (``MetaTrainer(prepare_episode=GlobalLabels(train_class
 learner), :meth:`FineTuneBaseline.outer_step` is one :meth:`pretrain_step` on the episode's support and query
 together, so the same engine, handlers and checkpoints serve the baseline and the meta-learners.
 :meth:`FineTuneBaseline.meta_loss` works for evaluation (adapt on support, query cross-entropy, no graph).
+
+Mixed precision (see :mod:`monai_metalearn.learners.precision`): pre-training computes the forward pass and loss under
+:func:`~monai_metalearn.learners.precision.forward_autocast` and back-propagates with autocast disabled; adaptation
+embeds the support set under autocast and fits the new head in float32 with autocast disabled, so its small gradients
+cannot underflow.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm
 from monai_metalearn.networks.heads import CosineClassifier
 
 from .base import Learner, accuracy, check_episode
+from .precision import forward_autocast, no_autocast
 
 __all__ = ["FineTuneBaseline", "FineTunedPredictor"]
 
@@ -48,7 +54,7 @@ class FineTunedPredictor:
         self.head = head
 
     def __call__(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), forward_autocast():
             return self.head(self.learner.embed(x))
 
 
@@ -64,7 +70,8 @@ class FineTuneBaseline(Learner):
         finetune_lr: learning rate of those steps.
         finetune_optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
         scale: temperature of the cosine heads.
-        n_way: expected classes per episode; inferred when ``None``.
+        n_way: the most classes per episode (the head fitted on a support set has its own ``N``); not checked when
+            ``None``.
         batch_norm: BatchNorm mode for adaptation and prediction: ``"frozen"`` (default) or ``"transductive"``.
 
     Raises:
@@ -156,8 +163,9 @@ class FineTuneBaseline(Learner):
         if int(y.min()) < 0 or int(y.max()) >= self.n_base_classes:
             raise ValueError(f"y has labels outside 0..{self.n_base_classes - 1}: {torch.unique(y).tolist()}")
         optimizer.zero_grad(set_to_none=True)
-        logits = self(x)
-        loss = self.loss_fn(logits, y)
+        with forward_autocast():
+            logits = self(x)
+            loss = self.loss_fn(logits, y)
         self._backward_step(loss, optimizer, scaler)
         return {"loss": float(loss.detach()), "accuracy": accuracy(logits, y)}
 
@@ -167,17 +175,17 @@ class FineTuneBaseline(Learner):
         Raises:
             ValueError: for a malformed support set.
         """
-        n_way = check_episode(support_x, support_y, n_way=self.n_way)
+        n_way = check_episode(support_x, support_y, max_n_way=self.n_way)
         if n_way is None:
             raise ValueError("FineTuneBaseline needs 1-D integer class labels in support_y")
-        with torch.no_grad():
+        with torch.no_grad(), forward_autocast():
             features = self.embed(support_x).detach().float()
         head = self.make_head(n_way).to(features.device)
         if self.finetune_optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(head.parameters(), lr=self.finetune_lr, momentum=0.9)
         else:
             opt = torch.optim.Adam(head.parameters(), lr=self.finetune_lr)
-        with torch.enable_grad(), torch.autocast(features.device.type, enabled=False):
+        with torch.enable_grad(), no_autocast(features.device.type):  # float32 head fit
             for _ in range(self.finetune_steps):
                 opt.zero_grad(set_to_none=True)
                 self.loss_fn(head(features), support_y).backward()
@@ -193,7 +201,7 @@ class FineTuneBaseline(Learner):
         Raises:
             ValueError: for a malformed episode.
         """
-        check_episode(support_x, support_y, query_x, query_y, self.n_way)
+        check_episode(support_x, support_y, query_x, query_y, max_n_way=self.n_way)
         predictor = self.adapt(support_x, support_y)
         logits = predictor(query_x).float()
         loss = self.loss_fn(logits, query_y)

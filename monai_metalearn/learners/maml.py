@@ -20,6 +20,12 @@ BatchNorm: ``batch_norm="transductive"`` (default) normalises with each batch's 
 inner loop and query batch when scoring, and never updates running statistics; ``"frozen"`` uses the stored running
 statistics. See :mod:`monai_metalearn.networks.batchnorm`. GroupNorm networks are unaffected.
 
+Mixed precision (see :mod:`monai_metalearn.learners.precision`): the forward passes run under the caller's autocast
+(or :func:`~monai_metalearn.learners.precision.forward_autocast`), the inner gradients are taken with autocast disabled
+by :func:`~monai_metalearn.learners.precision.inner_grads`; under float16 the support loss is scaled by
+``learner.inner_scaler`` (an :class:`~monai_metalearn.learners.precision.InnerLossScaler`) so that small inner
+gradients do not underflow, and a step whose scaled gradients overflow is recomputed in float32.
+
 The inner loop always runs with gradients enabled (also under ``torch.no_grad()``, e.g. during validation); when the
 caller has gradients disabled no graph is kept and the returned loss is a plain tensor.
 """
@@ -34,7 +40,16 @@ from torch.func import functional_call
 
 from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm_mode
 
-from .base import FunctionalPredictor, Learner, accuracy, check_episode, is_classification_target
+from .base import (
+    FunctionalPredictor,
+    Learner,
+    NarrowedPredictor,
+    accuracy,
+    check_episode,
+    is_classification_target,
+    narrow_logits,
+)
+from .precision import InnerLossScaler, forward_autocast, inner_grads
 
 __all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD"]
 
@@ -53,7 +68,8 @@ class MAML(Learner):
         loss_fn: ``loss_fn(logits, y) -> scalar``; default ``nn.CrossEntropyLoss()``.
         metric_fn: ``metric_fn(logits, y) -> float`` on the query set; default accuracy.
         eval_inner_steps: inner steps used by :meth:`adapt` (test time); default ``inner_steps``.
-        n_way: expected number of classes per episode (checked against the labels); inferred when ``None``.
+        n_way: the classification head's width, the most classes an episode may have; an episode of fewer classes
+            uses the head's first ``N`` outputs. Inferred from the labels when ``None``.
         batch_norm: ``"transductive"`` or ``"frozen"`` (see the module docstring).
         metric_name: key of ``metric_fn``'s value in the metrics dict.
         inner_params: name prefixes of the parameters adapted in the inner loop (e.g. ``["head."]``); default: every
@@ -105,6 +121,7 @@ class MAML(Learner):
         self.batch_norm = check_batch_norm_mode(batch_norm)
         self.metric_name = metric_name
         self.inner_params = None if inner_params is None else tuple(inner_params)
+        self.inner_scaler = InnerLossScaler()
         if not self.adapted_names():
             raise ValueError(f"no trainable parameter of the model matches inner_params={self.inner_params}")
 
@@ -160,16 +177,25 @@ class MAML(Learner):
             keep_graph: keep the dependency of the result on ``params`` (False at test time: each step's weights
                 are detached, nothing outside the loop is differentiated).
             n_way: classes of the episode, to check the model's output width.
+
+        The gradients come from :func:`~monai_metalearn.learners.precision.inner_grads` (autocast disabled, float16
+        losses scaled by ``self.inner_scaler``).
         """
         names = list(params)
         with torch.enable_grad():
             for step in range(steps):
-                logits = self._fast_forward(params, z)
-                if step == 0:
-                    self._check_logits(logits, y, n_way)
-                loss = self.loss_fn(logits, y)
-                grads = torch.autograd.grad(
-                    loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
+
+                def support_loss(params: dict[str, Tensor] = params, check: bool = step == 0) -> Tensor:
+                    inputs = z
+                    if z.is_floating_point() and not torch.is_autocast_enabled(z.device.type):
+                        inputs = z.to(next(iter(params.values())).dtype)  # ANIL's features embedded under autocast
+                    logits = self._fast_forward(params, inputs)
+                    if check:
+                        self._check_logits(logits, y, n_way)
+                    return self.loss_fn(narrow_logits(logits, n_way), y)
+
+                _, grads = inner_grads(
+                    support_loss, [params[n] for n in names], create_graph=create_graph, scaler=self.inner_scaler
                 )
                 new = {}
                 for n, g in zip(names, grads):
@@ -194,15 +220,15 @@ class MAML(Learner):
         Raises:
             ValueError: for a malformed episode (see :func:`~monai_metalearn.learners.base.check_episode`).
         """
-        n_way = check_episode(support_x, support_y, query_x, query_y, self.n_way)
+        n_way = check_episode(support_x, support_y, query_x, query_y, max_n_way=self.n_way)
         create_graph = (not self.first_order) and torch.is_grad_enabled()
-        with batch_norm_mode(self.model, self.batch_norm):
+        with batch_norm_mode(self.model, self.batch_norm), forward_autocast():
             zs = self._embed(support_x)
             params = self._inner_loop(
                 self._initial_params(), zs, support_y, self.inner_steps, create_graph, keep_graph=True, n_way=n_way
             )
-            logits = self._fast_forward(params, self._embed(query_x))
-        loss = self.loss_fn(logits, query_y)
+            logits = narrow_logits(self._fast_forward(params, self._embed(query_x)), n_way)
+            loss = self.loss_fn(logits, query_y)
         metrics = {"loss": float(loss.detach()), self.metric_name: float(self.metric_fn(logits.detach(), query_y))}
         return loss, metrics
 
@@ -214,14 +240,15 @@ class MAML(Learner):
         Raises:
             ValueError: for a malformed support set.
         """
-        n_way = check_episode(support_x, support_y, n_way=self.n_way)
+        n_way = check_episode(support_x, support_y, max_n_way=self.n_way)
         steps = self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
-        with batch_norm_mode(self.model, self.batch_norm):
+        with batch_norm_mode(self.model, self.batch_norm), forward_autocast():
             with torch.no_grad():
                 zs = self._embed(support_x)
             start = {n: p.detach().requires_grad_(True) for n, p in self._initial_params().items()}
             params = self._inner_loop(start, zs, support_y, steps, create_graph=False, keep_graph=False, n_way=n_way)
-        return self._predictor({n: p.detach() for n, p in params.items()})
+        predictor = self._predictor({n: p.detach() for n, p in params.items()})
+        return predictor if self.n_way is None or n_way == self.n_way else NarrowedPredictor(predictor, n_way)
 
 
 class FOMAML(MAML):
@@ -236,7 +263,7 @@ class FOMAML(MAML):
         loss_fn: task loss; default cross-entropy.
         metric_fn: query metric; default accuracy.
         eval_inner_steps: inner steps at test time; default ``inner_steps``.
-        n_way: expected classes per episode.
+        n_way: the head's width, the most classes per episode (see :class:`MAML`).
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
         inner_params: name prefixes of the adapted parameters.
@@ -309,7 +336,7 @@ class ANIL(MAML):
         loss_fn: task loss; default cross-entropy.
         metric_fn: query metric; default accuracy.
         eval_inner_steps: inner steps at test time; default ``inner_steps``.
-        n_way: expected classes per episode.
+        n_way: the head's width, the most classes per episode (see :class:`MAML`).
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
 
@@ -379,7 +406,7 @@ class MetaSGD(MAML):
         loss_fn: task loss; default cross-entropy.
         metric_fn: query metric; default accuracy.
         eval_inner_steps: inner steps at test time; default ``inner_steps``.
-        n_way: expected classes per episode.
+        n_way: the head's width, the most classes per episode (see :class:`MAML`).
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
         inner_params: name prefixes of the adapted parameters.

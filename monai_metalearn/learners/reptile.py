@@ -17,6 +17,11 @@ Two outer-update styles:
 
 BatchNorm: ``"transductive"`` (default: batch statistics, running statistics untouched) or ``"frozen"``; see
 :mod:`monai_metalearn.networks.batchnorm`. The loss and metric are pluggable as in MAML (segmentation targets work).
+
+Mixed precision (see :mod:`monai_metalearn.learners.precision`): the inner forward passes run under autocast, their
+gradients are taken by :func:`~monai_metalearn.learners.precision.inner_grads` (float16 losses scaled by
+``learner.inner_scaler``, a step that overflows recomputed in float32) and the inner optimizer steps on the float32
+copies run with autocast disabled.
 """
 
 from __future__ import annotations
@@ -30,7 +35,19 @@ from torch.func import functional_call
 
 from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm_mode
 
-from .base import Episode, FunctionalPredictor, Learner, accuracy, average_metrics, check_episode
+from .base import (
+    Episode,
+    FunctionalPredictor,
+    Learner,
+    NarrowedPredictor,
+    accuracy,
+    average_metrics,
+    check_episode,
+    infer_n_way,
+    is_classification_target,
+    narrow_logits,
+)
+from .precision import InnerLossScaler, forward_autocast, inner_grads, no_autocast
 
 __all__ = ["Reptile"]
 
@@ -53,7 +70,8 @@ class Reptile(Learner):
         loss_fn: ``loss_fn(logits, y) -> scalar``; default ``nn.CrossEntropyLoss()``.
         metric_fn: ``metric_fn(logits, y) -> float``; default accuracy.
         eval_inner_steps: inner steps used by :meth:`adapt`; default ``inner_steps``.
-        n_way: expected classes per episode; inferred when ``None``.
+        n_way: the head's width, the most classes per episode; an episode of fewer classes uses the head's first
+            ``N`` outputs. Inferred when ``None``.
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
         outer_lr: alias of ``epsilon``.
@@ -112,6 +130,7 @@ class Reptile(Learner):
         self.n_way = n_way
         self.batch_norm = check_batch_norm_mode(batch_norm)
         self.metric_name = metric_name
+        self.inner_scaler = InnerLossScaler()
 
     def forward(self, x: Tensor) -> Tensor:
         """The un-adapted model's output."""
@@ -134,16 +153,22 @@ class Reptile(Learner):
             steps: inner steps; default ``inner_steps``.
         """
         steps = self.inner_steps if steps is None else int(steps)
+        n_way = infer_n_way(y) if is_classification_target(y) else None
         fast = {n: p.detach().clone().requires_grad_(True) for n, p in self._trainable().items()}
         tensors = list(fast.values())
         opt = self._make_inner_optimizer(tensors)
+
+        def loss() -> Tensor:
+            return self.loss_fn(narrow_logits(functional_call(self.model, fast, (x,)), n_way), y)
+
         with torch.enable_grad(), batch_norm_mode(self.model, self.batch_norm):
             for _ in range(steps):
-                loss = self.loss_fn(functional_call(self.model, fast, (x,)), y)
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                for t, g in zip(tensors, grads):
-                    t.grad = g
-                opt.step()
+                with forward_autocast():
+                    _, grads = inner_grads(loss, tensors, scaler=self.inner_scaler)
+                with no_autocast(x.device.type):
+                    for t, g in zip(tensors, grads):
+                        t.grad = g
+                    opt.step()
         return {n: t.detach() for n, t in fast.items()}
 
     def _task_data(
@@ -153,9 +178,11 @@ class Reptile(Learner):
             return torch.cat([support_x, query_x]), torch.cat([support_y, query_y])
         return support_x, support_y
 
-    def _score(self, fast: dict[str, Tensor], query_x: Tensor, query_y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        with torch.no_grad(), batch_norm_mode(self.model, self.batch_norm):
-            logits = functional_call(self.model, fast, (query_x,))
+    def _score(
+        self, fast: dict[str, Tensor], query_x: Tensor, query_y: Tensor, n_way: int | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad(), batch_norm_mode(self.model, self.batch_norm), forward_autocast():
+            logits = narrow_logits(functional_call(self.model, fast, (query_x,)), n_way)
             loss = self.loss_fn(logits, query_y)
         return loss, {"loss": float(loss), self.metric_name: float(self.metric_fn(logits, query_y))}
 
@@ -167,9 +194,9 @@ class Reptile(Learner):
         Raises:
             ValueError: for a malformed episode.
         """
-        check_episode(support_x, support_y, query_x, query_y, self.n_way)
+        n_way = check_episode(support_x, support_y, query_x, query_y, max_n_way=self.n_way)
         fast = self.adapted_weights(support_x, support_y)
-        return self._score(fast, query_x, query_y)
+        return self._score(fast, query_x, query_y, n_way)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
         """Train a copy of the weights on the support set for ``eval_inner_steps`` steps; return its predictor.
@@ -177,9 +204,10 @@ class Reptile(Learner):
         Raises:
             ValueError: for a malformed support set.
         """
-        check_episode(support_x, support_y, n_way=self.n_way)
+        n_way = check_episode(support_x, support_y, max_n_way=self.n_way)
         steps = self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
-        return FunctionalPredictor(self.model, self.adapted_weights(support_x, support_y, steps), self.batch_norm)
+        predictor = FunctionalPredictor(self.model, self.adapted_weights(support_x, support_y, steps), self.batch_norm)
+        return predictor if self.n_way is None or n_way == self.n_way else NarrowedPredictor(predictor, n_way)
 
     def _outer_update(self, fasts: Sequence[dict[str, Tensor]], optimizer: torch.optim.Optimizer | None) -> None:
         params = self._trainable()
@@ -249,10 +277,10 @@ class Reptile(Learner):
             raise ValueError('outer_update="optimizer" needs an optimizer')
         fasts, all_metrics = [], []
         for sx, sy, qx, qy in episodes:
-            check_episode(sx, sy, qx, qy, self.n_way)
+            n_way = check_episode(sx, sy, qx, qy, max_n_way=self.n_way)
             fast = self.adapted_weights(*self._task_data(sx, sy, qx, qy))
             fasts.append(fast)
-            all_metrics.append(self._score(fast, qx, qy)[1])
+            all_metrics.append(self._score(fast, qx, qy, n_way)[1])
         self._outer_update(fasts, optimizer)
         out = average_metrics(all_metrics)
         out["tasks"] = float(len(episodes))

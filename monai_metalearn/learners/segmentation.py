@@ -21,6 +21,11 @@ background prototypes are pooled over the voxels equal to 0 only.
   initialised network fine-tuned on each support set; nothing is meta-trained).
 * :func:`create_segmentation_learner`: every learner above, plus MAML / FOMAML / ANIL / Reptile on
   :class:`~monai_metalearn.networks.SegmentationModel` with the DiceCE loss and the Dice metric.
+
+Mixed precision follows :mod:`monai_metalearn.learners.precision`: the MAML-family and Reptile inner loops take their
+gradients through :func:`~monai_metalearn.learners.precision.inner_grads` (float16 losses scaled, overflowing steps
+redone in float32); the fine-tuning baselines pre-train with the forward pass under autocast and the backward pass
+outside it, and fine-tune on each support set in float32 with autocast disabled.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from monai_metalearn.transforms.intensity import IGNORE_LABEL
 from .base import Episode, Learner, average_metrics, check_episode
 from .factory import learner_key
 from .maml import ANIL, FOMAML, MAML
+from .precision import forward_autocast, no_autocast
 from .atlas import AtlasIntensitySegmenter, AtlasSegmenter, MultiAtlasSegmenter
 from .references import BoxAlignedReference, WholeBodyReference
 from .reptile import Reptile
@@ -521,7 +527,7 @@ class SegmentationFineTunedPredictor:
         self.model = model
 
     def __call__(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), forward_autocast():
             return self.model(x)
 
 
@@ -667,7 +673,8 @@ class SegmentationFineTune(Learner):
         y = _with_channel(y, x.dim())
         ids = self.structure_ids(y) if structure_ids is None else structure_ids.to(device=x.device, dtype=torch.long)
         logits = self(x)
-        selected = logits[torch.arange(x.shape[0], device=x.device), ids][:, None]  # [B, 1, *S]
+        # [B, 1, *S], float32: the Dice sums over all voxels of the batch would overflow in float16
+        selected = logits[torch.arange(x.shape[0], device=x.device), ids][:, None].float()
         target = (y > 0).to(selected.dtype)
         valid = y >= 0
         if bool(valid.all()):
@@ -694,15 +701,18 @@ class SegmentationFineTune(Learner):
         optimizer.zero_grad(set_to_none=True)
         all_metrics = []
         for x, y in parts:
-            loss, dice = self.pretrain_loss(x, y)
+            with forward_autocast():
+                loss, dice = self.pretrain_loss(x, y)
             scaled = loss / len(parts)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with no_autocast(x.device.type):
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             all_metrics.append({"loss": float(loss.detach()), "dice": dice})
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        with no_autocast(parts[0][0].device.type):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         return average_metrics(all_metrics)
 
     def outer_step(
@@ -784,7 +794,7 @@ class SegmentationFineTune(Learner):
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=self.finetune_lr)
         x, target = support_x.float(), _binary_target(support_y, support_x.dim())
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.enable_grad(), no_autocast(x.device.type):  # float32 fine-tuning
             for _ in range(self.finetune_steps):
                 opt.zero_grad(set_to_none=True)
                 self.loss_fn(model(x), target).backward()

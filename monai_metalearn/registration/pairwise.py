@@ -530,9 +530,10 @@ def register(
         if mask is not None and tuple(mask.shape[-3:]) != tuple(img.shape[-3:]):
             raise ValueError(f"{name} has spatial shape {tuple(mask.shape[-3:])}, its image {tuple(img.shape[-3:])}.")
     dev = torch.device(device) if device is not None else fixed.device
-    # the optimisation needs autograd even when called under no_grad / inference_mode (evaluation, inference)
+    # the optimisation needs autograd even when called under no_grad / inference_mode (evaluation, inference), and
+    # runs in float32 also under an evaluator's autocast (its backward passes must not run under autocast)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.inference_mode(False), \
-            torch.enable_grad():
+            torch.enable_grad(), torch.autocast(dev.type, enabled=False):
         torch.manual_seed(seed)
         moving, fixed = _detached(moving), _detached(fixed)
         moving_mask = None if moving_mask is None else _detached(moving_mask)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from monai_metalearn.apps import protocols
 from monai_metalearn.apps.classification import evaluate_protocols
@@ -95,3 +96,32 @@ def test_evaluate_protocols_scores_ct_support_mr_query_on_fixed_episodes(ct_mr_p
     written = json.loads((tmp_path / "pos" / "metrics.json").read_text())
     assert written["fold"] == 0 and written["body_coordinates"] is True
     assert (tmp_path / "pos" / "metrics_ct_to_mr.json").is_file()
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), ("False", False),
+                                             ("true", True), ("0", False), (1, True)])
+def test_boolean_switches_read_command_line_words(value, expected):
+    """``--position_features false`` reaches the config as the string 'false' (fire keeps lowercase words): the
+    network must then be the plain encoder, not the position encoder."""
+    from monai.bundle import ConfigParser
+
+    from monai_metalearn.apps.classification import flag
+    from monai_metalearn.networks import BodyPositionEncoder
+
+    assert flag(value, "position_features") is expected
+    parser = ConfigParser()
+    parser.read_config([str(CONFIG.parent / "train.json"), str(CONFIG)])
+    parser["position_features"] = value
+    parser["body_coordinates"] = value
+    network = parser.get_parsed_content("network")
+    assert isinstance(network, BodyPositionEncoder) is expected
+    first_conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first_conv.in_channels == (4 if expected else 1)
+
+
+def test_a_boolean_switch_that_is_not_a_boolean_is_a_config_error():
+    from monai_metalearn.apps.classification import flag
+    from monai_metalearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="modality_augment must be true or false, got 'maybe'"):
+        flag("maybe", "modality_augment")

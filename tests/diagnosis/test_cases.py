@@ -94,3 +94,41 @@ def test_patient_accuracy_summary_averages_patients_first():
     assert s["mean"] == pytest.approx(0.75)  # (0.5 + 1) / 2, not 2 / 3
     assert s["n_subjects"] == 2 and s["confusion"] == [[1, 1], [0, 1]]
     assert s["per_class"] == {"a": 0.5, "b": 1.0}
+
+
+@pytest.fixture(scope="module")
+def two_phase_cases(data_dir):
+    """Five real ACDC patients, one per diagnosis, and one more of each for queries: ED + ES as two channels."""
+    ids = ["patient001", "patient002", "patient021", "patient022", "patient041", "patient042", "patient061",
+           "patient062", "patient081", "patient082"]
+    return load_cases(acdc_cases(data_dir, patients=ids), case_transforms(spatial_size=(32, 32, 8)))
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching", "maml", "fomaml", "anil", "metasgd", "reptile", "finetune"])
+def test_every_classification_learner_takes_two_phase_cases(two_phase_cases, name):
+    """ED + ES as two channels through every classification learner: one meta-update on a 5-way 1-shot patient
+    episode changes the weights, and the adapted predictor gives one probability row per query patient."""
+    from monai_metalearn.learners import create_learner
+    from monai_metalearn.networks import ConvEncoder3D
+
+    names = sorted({c["class"] for c in two_phase_cases})
+    by_class = {d: [c for c in two_phase_cases if c["class"] == d] for d in names}
+    sx = torch.stack([by_class[d][0]["image"] for d in names]).float()
+    qx = torch.stack([by_class[d][1]["image"] for d in names]).float()
+    sy = qy = torch.arange(len(names))
+    assert sx.shape == (5, 2, 32, 32, 8)
+    torch.manual_seed(0)
+    encoder = ConvEncoder3D(2, (4, 8), pooled_size=1)
+    learner = create_learner(name, encoder, 8, n_way=5, n_base_classes=5,
+                             **({"inner_steps": 1} if name in ("maml", "fomaml", "anil", "metasgd") else
+                                {"inner_steps": 2} if name == "reptile" else {}))  # Reptile: the zero head first
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    optimizer = torch.optim.Adam(learner.parameters(), 1e-2)
+    metrics = learner.outer_step(sx, sy, qx, qy, optimizer)
+    assert np.isfinite(metrics["loss"])
+    moved = [n for n, p in learner.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert any(n.startswith(("encoder", "model.encoder")) for n in moved), moved
+    with torch.no_grad():
+        probabilities = learner.adapt(sx, sy)(qx).softmax(1)
+    assert probabilities.shape == (5, 5)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(5))

@@ -152,18 +152,24 @@ def test_amp_cpu_bfloat16(learner_cls):
     assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters()))
 
 
-def test_amp_autocast_is_active_in_outer_step():
-    seen: list[tuple[bool, torch.dtype]] = []
+def test_amp_autocast_is_active_in_the_learners_forward_only():
+    """``amp=True`` opens an AMP scope around ``outer_step``: autocast is off there (backward passes and optimizer
+    steps run outside it) and on inside the learner's ``forward_autocast`` (its forward passes)."""
+    from monai_metalearn.learners.precision import forward_autocast
+
+    seen: list[tuple[bool, bool, torch.dtype]] = []
 
     class Spy(TinyProtoNet):
         def outer_step(self, *args, **kwargs):
-            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            with forward_autocast():
+                inside = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            seen.append((torch.is_autocast_enabled("cpu"), *inside))
             return super().outer_step(*args, **kwargs)
 
     learner = Spy()
     MetaTrainer("cpu", 1, EpisodeList(1), learner, torch.optim.SGD(learner.parameters(), 0.01), amp=True).run()
     MetaTrainer("cpu", 1, EpisodeList(1), learner, torch.optim.SGD(learner.parameters(), 0.01)).run()
-    assert seen == [(True, torch.bfloat16), (False, seen[1][1])]
+    assert seen == [(False, True, torch.bfloat16), (False, False, seen[1][2])]
 
 
 @pytest.mark.gpu
@@ -172,7 +178,8 @@ def test_amp_cuda_float16_with_grad_scaler():
     torch.manual_seed(0)
     learner = TinyProtoNet().to(device)
     trainer = MetaTrainer(
-        device, 2, EpisodeList(10, seed=1), learner, torch.optim.Adam(learner.parameters(), 1e-2), amp=True
+        device, 2, EpisodeList(10, seed=1), learner, torch.optim.Adam(learner.parameters(), 1e-2), amp=True,
+        amp_dtype="float16",  # the default is bfloat16 where the GPU supports it
     )
     assert isinstance(trainer.scaler, torch.amp.GradScaler) and trainer.amp_dtype == torch.float16
     losses = _record_losses(trainer)

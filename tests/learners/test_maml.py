@@ -323,8 +323,8 @@ def test_bad_query_and_n_way_raise():
         learner.meta_loss(sx, sy, qx[:-1], qy)
     with pytest.raises(ValueError, match="channels"):
         learner.meta_loss(sx, sy, qx.repeat(1, 2, 1, 1, 1), qy)
-    with pytest.raises(ValueError, match="n_way=3"):
-        learner.meta_loss(sx[:4], torch.tensor([0, 1, 0, 1]), qx, qy.clamp(max=1))
+    with pytest.raises(ValueError, match="head has 3 outputs"):
+        learner.meta_loss(sx, torch.cat([sy[:-1], torch.tensor([3])]), qx, qy)  # 4 classes for a 3-wide head
     wide = MAML(FewShotClassifier(ConvEncoder3D(features=(2,)), 2, 2))
     with pytest.raises(ValueError, match="outputs 2 logits"):
         wide.meta_loss(sx, sy, qx, qy)
@@ -335,3 +335,40 @@ def test_bad_query_and_n_way_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             MAML(model, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "reptile"])
+def test_narrower_episode_uses_the_first_outputs_of_the_head(name):
+    """A head built for 3 classes serves a 2-way episode with its first 2 outputs: the same adapted predictions and
+    meta-gradients as a 2-wide head holding those rows (the third row gets no gradient)."""
+    from monai_metalearn.learners import Reptile
+
+    make = {
+        "maml": lambda m: MAML(m, inner_lr=0.3, inner_steps=2, n_way=m.head.out_features),
+        "fomaml": lambda m: FOMAML(m, inner_lr=0.3, inner_steps=2, n_way=m.head.out_features),
+        "anil": lambda m: ANIL(m, inner_lr=0.3, inner_steps=2, n_way=m.head.out_features),
+        "metasgd": lambda m: MetaSGD(m, inner_lr=0.3, inner_steps=2, n_way=m.head.out_features),
+        "reptile": lambda m: Reptile(m, inner_lr=0.3, inner_steps=2, n_way=m.head.out_features),
+    }[name]
+    torch.manual_seed(0)
+    wide_net = SmoothNet(n_way=3).double()
+    narrow_net = SmoothNet(n_way=2).double()
+    with torch.no_grad():
+        narrow_net.encoder.load_state_dict(wide_net.encoder.state_dict())
+        narrow_net.head.weight.copy_(wide_net.head.weight[:2])
+        narrow_net.head.bias.copy_(wide_net.head.bias[:2])
+    wide, narrow = make(wide_net), make(narrow_net)
+    sx, sy, qx, qy = random_episode(n_way=2, k_shot=2, n_query=3, size=3, dtype=torch.float64)
+    out_wide, out_narrow = wide.adapt(sx, sy)(qx), narrow.adapt(sx, sy)(qx)
+    assert out_wide.shape == (qx.shape[0], 2)
+    torch.testing.assert_close(out_wide, out_narrow)
+    if name == "reptile":
+        return
+    loss_wide, _ = wide.meta_loss(sx, sy, qx, qy)
+    loss_narrow, _ = narrow.meta_loss(sx, sy, qx, qy)
+    torch.testing.assert_close(loss_wide, loss_narrow)
+    loss_wide.backward()
+    loss_narrow.backward()
+    torch.testing.assert_close(wide_net.head.weight.grad[:2], narrow_net.head.weight.grad)
+    torch.testing.assert_close(wide_net.encoder[1].weight.grad, narrow_net.encoder[1].weight.grad)
+    assert float(wide_net.head.weight.grad[2].abs().max()) == 0.0
