@@ -107,11 +107,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (parent folders created); returns the path."""
+def write_json(path: str | os.PathLike, obj: Any, compact: bool = False) -> Path:
+    """Write ``obj`` as indented JSON (``compact``: one line, for results with per-episode records) with parent
+    folders created; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    text = json.dumps(obj, separators=(",", ":"), default=str) if compact else json.dumps(obj, indent=2, default=str)
+    path.write_text(text + "\n")
     return path
 
 

@@ -375,7 +375,7 @@ def main() -> None:
         results = json.loads(out_json.read_text())
     elif args.collect:
         results = collect(Path(args.work), learners, settings, args)
-        write_json(out_json, results)
+        write_json(out_json, results, compact=True)
     else:
         if not os.environ.get("MONAI_DATA_DIRECTORY"):
             raise SystemExit("set MONAI_DATA_DIRECTORY")
@@ -394,7 +394,7 @@ def main() -> None:
             if not (args.reuse and cost_file.is_file()):
                 cost_file.write_text(json.dumps(adaptation_cost(name, out, work / "cache", args.threads), indent=2))
         results = _merged(collect(work, learners, settings, args), out_json)
-        write_json(out_json, results)
+        write_json(out_json, results, compact=True)
     md = table(results)
     update_readme_table(MARKER, md)
     if DOCS.is_file():
