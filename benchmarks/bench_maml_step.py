@@ -67,8 +67,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one t
 import argparse
 import gc
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,7 +77,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, machine_info, median, update_readme_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    finish,
+    loadavg,
+    machine_info,
+    median,
+    print_memory_json,
+    quartiles,
+    run_memory_worker,
+    step_memory,
+    time_round_robin,
+    torch_device,
+    worker_or_from_json,
+)
 
 N_WAY, K_SHOT, N_QUERY, PATCH = 5, 1, 15, 32
 INNER_LR, OUTER_LR = 0.1, 1e-3
@@ -325,63 +336,7 @@ def gradient_check(contenders: dict[str, Contender]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- timing
-
-
-def _sync(device) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def time_setting(contenders: dict[str, Contender], repeats: int, warmup: int, device) -> dict[str, list[float]]:
-    names = list(contenders)
-    runs: dict[str, list[float]] = {n: [] for n in names}
-    last: dict[str, float] = {}
-    for r in range(warmup + repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:  # round-robin, rotating start
-            gc.collect()
-            _sync(device)
-            t0 = time.perf_counter()
-            contenders[name].step()
-            _sync(device)
-            last[name] = time.perf_counter() - t0
-            if r >= warmup:
-                runs[name].append(last[name])
-        done = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
-        print(f"    {done}: " + ", ".join(f"{n} {last[n]:.2f}s" for n in names), flush=True)
-    return runs
-
-
 # ---------------------------------------------------------------------------------------------------- memory
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_worker(args: argparse.Namespace) -> None:
@@ -399,17 +354,10 @@ def memory_worker(args: argparse.Namespace) -> None:
         for k in args.inner_steps:
             c = Contender(args.memory_worker, backbone, k, episode, device)
             c.step()  # warm-up: optimizer state, lazy initialisation
-            gc.collect()
-            _sync(device)
-            reset = _reset_peak_rss()
-            rss0 = _proc_status_kib("VmRSS")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                cuda0 = torch.cuda.memory_allocated(device)
-            c.step()
-            _sync(device)
-            if reset and rss0 is not None:
-                peak, method = _proc_status_kib("VmHWM"), "VmHWM after reset"
+            mem = step_memory(c.step, device)
+            rss0 = mem.rss_before_kib
+            if mem.peak_kib is not None and rss0 is not None:
+                peak, method = mem.peak_kib, "VmHWM after reset"
             else:  # ru_maxrss: KiB on Linux, bytes on macOS
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 peak = peak // 1024 if sys.platform == "darwin" else peak
@@ -420,25 +368,19 @@ def memory_worker(args: argparse.Namespace) -> None:
                 "rss_before_step_mib": round(rss0 / 1024, 1),
                 "method": method,
             }
-            if device.type == "cuda":
-                res["cuda_peak_step_mib"] = round((torch.cuda.max_memory_allocated(device) - cuda0) / 2**20, 1)
+            if mem.cuda_peak_step_mib is not None:
+                res["cuda_peak_step_mib"] = mem.cuda_peak_step_mib
             out[f"{backbone}/{k}"] = res
             del c
             gc.collect()
-    print("MEMORY_JSON " + json.dumps(out), flush=True)
+    print_memory_json(out)
 
 
 def measure_memory(name: str, backbones: list[str], inner_steps: list[int], episode_file: Path, device) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--memory-worker", name, "--episode-file", str(episode_file),
-        "--device", str(device), "--backbones", *backbones, "--inner-steps", *map(str, inner_steps),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("MEMORY_JSON "):
-            return json.loads(line[len("MEMORY_JSON ") :])
-    raise RuntimeError(f"memory worker {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return run_memory_worker(__file__, name, [
+        "--episode-file", str(episode_file), "--device", str(device), "--backbones", *backbones,
+        "--inner-steps", *map(str, inner_steps),
+    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -548,22 +490,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.memory_worker:
-        memory_worker(args)
-        return {}
-    if args.from_json is not None:
-        out = json.loads(args.from_json.read_text())
-        print("updated", update_readme_table("maml_step", markdown_table(out)))
-        return out
+    early = worker_or_from_json(args, memory_worker, "maml_step", markdown_table)
+    if early is not None:
+        return early
     warnings.filterwarnings("ignore")
     import torch
 
@@ -572,10 +503,9 @@ def main(argv=None) -> dict:
     except ImportError:
         sys.exit("bench_maml_step.py needs `higher`: pip install -e '.[bench]' (or pip install higher)")
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch_device(args.device)
     t_start = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     episode_cpu, episode_info = make_episode(args.synthetic)
     episode = tuple(t.to(device) for t in episode_cpu)
     print("episode:", episode_info["source"], flush=True)
@@ -593,7 +523,7 @@ def main(argv=None) -> dict:
                 for name, value in check.items():
                     print(f"    {name}: max abs diff {value['max_abs_diff']:.2e} (max |g| {value['max_abs_grad']:.2e})")
                 print(f"{key}: timing {args.warmup} warm-up + {args.repeats} rounds", flush=True)
-                runs = time_setting(contenders, args.repeats, args.warmup, device)
+                runs = time_round_robin(contenders, args.repeats, args.warmup, device)
                 n_params = sum(p.numel() for p in next(iter(contenders.values())).model.parameters())
                 del contenders
                 gc.collect()
@@ -655,7 +585,7 @@ def main(argv=None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "settings": list(settings),
         "total_s": out["total_s"],
-        "loadavg_1min_before_after": [load_before, _loadavg()],
+        "loadavg_1min_before_after": [load_before, loadavg()],
     }
     out["invocations"] = [invocation]
     if args.out is not None and args.out.exists() and not args.fresh:
@@ -670,12 +600,7 @@ def main(argv=None) -> dict:
             out["settings"] = dict(
                 sorted(out["settings"].items(), key=lambda kv: (kv[1]["backbone"], kv[1]["inner_steps"]))
             )
-    print(f"total {out['total_s']} s")
-    if args.out is not None:
-        print("wrote", write_json(args.out, out))
-    print(markdown_table(out))
-    if not args.quick and not args.no_readme:
-        print("updated", update_readme_table("maml_step", markdown_table(out)))
+    finish(out, args, "maml_step", markdown_table)
     return out
 
 

@@ -232,6 +232,7 @@ def build_learner(
     import inspect
 
     from monai_metalearn.learners import LEARNERS, create_learner, learner_key
+    from monai_metalearn.learners.factory import MEMORY_OPTIONS
 
     key = learner_key(name)
     if key not in LEARNERS:
@@ -239,6 +240,7 @@ def build_learner(
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
     cls = LEARNERS[key][0]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "encoder"}
+    accepted |= set(MEMORY_OPTIONS)  # the factory's activation_checkpointing / channels_last
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}", ConfigError)

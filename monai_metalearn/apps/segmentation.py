@@ -438,6 +438,7 @@ def build_segmentation_learner(
     import inspect
 
     from monai_metalearn.learners import ANIL, FOMAML, MAML, Reptile
+    from monai_metalearn.learners.factory import MEMORY_OPTIONS
     from monai_metalearn.learners.segmentation import (
         SEGMENTATION_LEARNERS,
         VOLUME_LEARNERS,
@@ -453,8 +454,14 @@ def build_segmentation_learner(
     kwargs = {**dict((defaults or {}).get(key, {})), **dict(overrides or {})}
     classes = {"maml": MAML, "fomaml": FOMAML, "anil": ANIL, "reptile": Reptile, "protoseg": PrototypeSegmenter,
                "finetune": SegmentationFineTune, "scratch": SegmentationFineTune, **VOLUME_LEARNERS}
-    accepted = set(inspect.signature(classes[key].__init__).parameters) - {
-        "self", "model", "encoder", "feature_channels", "n_base_structures", "pretrained"}
+    accepted: set[str] = set()
+    for klass in classes[key].__mro__:  # a ``**kwargs`` __init__ passes its keywords on to the parent's
+        params = inspect.signature(klass.__init__).parameters
+        accepted |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()) or klass is torch.nn.Module:
+            break
+    accepted -= {"self", "model", "encoder", "feature_channels", "n_base_structures", "pretrained"}
+    accepted |= set(MEMORY_OPTIONS)  # the factory's activation_checkpointing / channels_last
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         fail(f"learner {key!r} has no argument(s) {unknown}; it takes {sorted(accepted)}", ConfigError)
@@ -757,7 +764,12 @@ def segment_task(
     affine (``<query name>_query<i>_seg.nii.gz`` when an earlier query has the same name; the name is the query's
     ``id`` when given, else its image's name). The masks are written once every query has been segmented, so a task
     that fails leaves ``output_dir`` as it was.
-    ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml.
+    ``output_dir/segmentations.json`` lists the outputs with their foreground volume in ml. Under ``torchrun``, with
+    a process group initialised (:func:`~monai_metalearn.engines.init_distributed`), every rank adapts to the
+    support set and segments its share of the queries (:func:`~monai_metalearn.engines.shard_queries`: queries
+    ``r, r + W, ...``); the shares are gathered (:func:`~monai_metalearn.engines.gather_results`), rank 0 writes
+    every mask and ``segmentations.json``, and every rank returns the combined result (an error on any rank is
+    raised on all of them).
 
     Exits with a one-line error for: an empty support mask, a support image and mask of different geometry, an
     unreadable scan or one with NaN / infinite values (names the task item and file), a task file with no support or
@@ -830,8 +842,7 @@ def segment_task(
     query_read = _reader(pixdim, with_label=False) if preprocessing is None else preprocessing
     saver = SaveImaged(keys="pred", output_dir=str(output_dir), output_postfix="seg", separate_folder=False,
                        resample=False, output_dtype=np.uint8, print_log=False)
-    outputs, masks = [], []
-    for i, item in enumerate(task["query"]):
+    def segment_query(i: int, item: Mapping[str, Any]) -> tuple[dict[str, Any], MetaTensor]:
         where = f"query[{i}] {item['image']}"
         try:
             d = query_read({"image": item["image"]})
@@ -856,16 +867,35 @@ def segment_task(
         name = names[i]
         meta = {**mask.meta, "filename_or_obj": f"{name}.nii.gz"}
         mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta=meta)
-        masks.append(mask)
         path = Path(output_dir) / f"{name}_seg.nii.gz"
         voxel_ml = float(abs(np.linalg.det(np.asarray(mask.affine)[:3, :3]))) / 1000.0
-        outputs.append({**({"id": item["id"]} if "id" in item else {}), "image": item["image"], "mask": str(path),
-                        "shape": list(mask.shape[1:]), "foreground_ml": round(float(mask.sum()) * voxel_ml, 3)})
-    for mask in masks:  # written once every query has been read: a bad query leaves output_dir untouched
-        saver({"pred": mask})
+        return ({**({"id": item["id"]} if "id" in item else {}), "image": item["image"], "mask": str(path),
+                 "shape": list(mask.shape[1:]), "foreground_ml": round(float(mask.sum()) * voxel_ml, 3)}, mask)
+
+    # under torchrun (a process group initialised, e.g. by monai_metalearn.engines.init_distributed) every rank
+    # segments its share of the queries; the shares are gathered and rank 0 writes them all
+    from monai_metalearn.engines.distributed import gather_results, is_distributed, is_main_process, shard_queries
+
+    done, error = [], None
+    try:
+        for i, item in shard_queries(task["query"]):
+            done.append((i, segment_query(i, item)))
+    except Exception as err:  # noqa: BLE001 - every rank must reach the gather, then all raise the same error
+        if not is_distributed():
+            raise
+        error = err
+    segmented = gather_results(done, len(task["query"]), error)
+    outputs = [out for out, _ in segmented]
     result = {"task_file": str(task_file), "k_shot": len(task["support"]), "segmentations": outputs}
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "segmentations.json").write_text(json.dumps(result, indent=2))
+    if is_main_process():
+        for _, mask in segmented:  # written once every query has been read: a bad query leaves output_dir untouched
+            saver({"pred": mask})
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "segmentations.json").write_text(json.dumps(result, indent=2))
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks return once rank 0 has written
     return result
 
 

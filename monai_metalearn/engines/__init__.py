@@ -17,12 +17,14 @@ from monai_metalearn.engines.distributed import (
     all_reduce_gradients,
     destroy_distributed,
     distributed_episode_loader,
+    gather_results,
     get_rank,
     get_world_size,
     init_distributed,
     is_distributed,
     is_main_process,
     local_device,
+    shard_queries,
 )
 from monai_metalearn.engines.evaluator import MetaEvaluator
 from monai_metalearn.engines.trainer import MetaTrainer, first_loss
@@ -57,6 +59,8 @@ __all__ = [
     "all_reduce_gradients",
     "destroy_distributed",
     "distributed_episode_loader",
+    "gather_results",
+    "shard_queries",
     "get_rank",
     "get_world_size",
     "init_distributed",

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,7 @@ __all__ = [
     "default_backend",
     "destroy_distributed",
     "distributed_episode_loader",
+    "gather_results",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -67,6 +68,7 @@ __all__ = [
     "is_main_process",
     "local_device",
     "reduce_step_metrics",
+    "shard_queries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -580,3 +582,81 @@ def distributed_episode_loader(
         kwargs.pop(key, None)
     sampler = DistributedEpisodeSampler(dataset, meta_batch_size, num_replicas=num_replicas, rank=rank)
     return episode_loader(dataset, meta_batch_size=sampler.per_rank, num_workers=num_workers, sampler=sampler, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ sharded inference
+def shard_queries(items: Sequence[Any], rank: int | None = None, world_size: int | None = None) -> list[
+        tuple[int, Any]]:
+    """This rank's share of ``items`` (e.g. the queries of a task: registration-based learners segment each on its
+    own): ``[(i, items[i]) for i in range(rank, len(items), world_size)]``, so the shares are interleaved, differ in
+    length by at most one, and their union is every item once. Without a process group: every item.
+
+    Args:
+        items: all items, the same list on every rank.
+        rank: this rank; default the process group's (0 without one).
+        world_size: the number of ranks; default the process group's (1 without one).
+
+    Raises:
+        ConfigError: ``world_size`` below 1 or ``rank`` outside ``0 .. world_size - 1``.
+    """
+    world = get_world_size() if world_size is None else int(world_size)
+    rank = get_rank() if rank is None else int(rank)
+    if world < 1:
+        raise ConfigError(f"shard_queries: world_size must be >= 1, got {world}.")
+    if not 0 <= rank < world:
+        raise ConfigError(f"shard_queries: rank must be in 0..{world - 1}, got {rank}.")
+    return [(i, items[i]) for i in range(rank, len(items), world)]
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` itself when it pickles (to travel to the other ranks), else a :class:`MetaLearnError` naming it."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return MetaLearnError(f"{type(error).__name__}: {error}")
+
+
+def gather_results(shard: Sequence[tuple[int, Any]], total: int, error: BaseException | None = None) -> list[Any]:
+    """Every rank's ``(index, result)`` pairs (from :func:`shard_queries`) as one list in item order, on every rank
+    (``torch.distributed.all_gather_object``; without a process group of several ranks, this process's pairs).
+
+    A rank that failed on its share passes its exception as ``error`` instead of stopping: the errors travel with
+    the results, so no rank waits for a rank that has stopped, and every rank raises the error of the lowest failing
+    rank (the same typed error on all of them). Results must pickle (move tensors to the CPU first).
+
+    Args:
+        shard: this rank's ``(index, result)`` pairs.
+        total: the number of items over all shares (``len(items)``).
+        error: what this rank raised while computing its share, or None.
+
+    Returns:
+        ``[result_0, ..., result_{total - 1}]``.
+
+    Raises:
+        BaseException: the lowest failing rank's ``error``.
+        MetaLearnError: an index is missing from every share or is in several (the ranks sharded different lists).
+    """
+    local = (list(shard), None if error is None else _portable(error))
+    if is_distributed():
+        gathered: list[Any] = [None] * get_world_size()
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    for _, err in gathered:
+        if err is not None:
+            raise err
+    out: dict[int, Any] = {}
+    for pairs, _ in gathered:
+        for index, result in pairs:
+            if int(index) in out:
+                raise MetaLearnError(f"gather_results: item {index} was computed by several ranks.")
+            out[int(index)] = result
+    missing = sorted(set(range(int(total))) - set(out))
+    extra = sorted(set(out) - set(range(int(total))))
+    if missing or extra:
+        raise MetaLearnError(f"gather_results: items {missing} are missing and {extra} are out of range "
+                             f"0..{int(total) - 1} over {len(gathered)} rank(s).")
+    return [out[i] for i in range(int(total))]

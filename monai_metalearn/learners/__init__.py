@@ -23,6 +23,7 @@ from .maml import ANIL, FOMAML, MAML, MetaSGD
 from .matching import MatchingNet, MatchingPredictor, matching_log_probs
 from .protonet import ProtoNet, PrototypePredictor, compute_prototypes, prototype_logits
 from .atlas import FUSIONS, AtlasIntensitySegmenter, AtlasSegmenter, MultiAtlasSegmenter, atlas_intensity_posterior
+from .atlas_learned import AtlasSelfTrainingSegmenter, self_training_posterior
 from .patch_references import BodyPositionReference, CentroidReference, PatchCentroidReference
 from .references import BoxAlignedReference, VolumeLearner, WholeBodyReference, place_by_body_box
 from .reptile import Reptile
@@ -46,6 +47,8 @@ from .segmentation import (
 __all__ = [
     "ANIL",
     "AtlasIntensitySegmenter",
+    "AtlasSelfTrainingSegmenter",
+    "self_training_posterior",
     "AtlasSegmenter",
     "atlas_intensity_posterior",
     "FUSIONS",

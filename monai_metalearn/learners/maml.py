@@ -26,6 +26,25 @@ by :func:`~monai_metalearn.learners.precision.inner_grads`; under float16 the su
 ``learner.inner_scaler`` (an :class:`~monai_metalearn.learners.precision.InnerLossScaler`) so that small inner
 gradients do not underflow, and a step whose scaled gradients overflow is recomputed in float32.
 
+Batched tasks (``task_batching``, see :mod:`monai_metalearn.learners.task_batching`): with ``"loop"`` (default)
+:meth:`~monai_metalearn.learners.base.Learner.meta_batch_step` runs the episodes one after the other. With ``"vmap"``
+the episodes are stacked and the whole meta-batch runs as one :func:`torch.func.vmap` of a per-task function whose
+inner loop takes its gradients with :func:`torch.func.grad` (second order: the inner gradients stay differentiable,
+so one ``backward`` of the mean query loss gives the exact meta-gradient; first order: they are detached); metrics
+are computed per task from the detached outputs and averaged as in the loop. The meta-batch falls back to the loop
+(the reason logged once at INFO) when the episodes differ in shape or ``N``, under float16 autocast (the inner loss
+scale needs a per-step overflow check; bfloat16 stays batched), and for good when the first vmap call fails (an op
+without batching rule, data-dependent control flow such as the ignore-label branch of
+:class:`~monai_metalearn.learners.SegmentationLoss`). BatchNorm in ``"transductive"`` mode runs under vmap (each
+task's support or query batch is normalised on its own, as in the loop), but torch's vmap gets *second-order*
+gradients through batch-statistics normalisation wrong, so second-order learners whose adapted part has a
+BatchNorm (transductive), InstanceNorm or LayerNorm layer use the loop
+(:func:`~monai_metalearn.learners.task_batching.batch_statistics_layers`); first-order learners, ANIL's head-only
+second order and GroupNorm are exact. All tasks' graphs are alive at once, so a vmap meta-batch needs several times
+the memory of the loop. ``"auto"`` is the choice measured faster per learner (:attr:`MAML.AUTO_TASK_BATCHING`): on
+the CPU vmap is slower for every learner (``benchmarks/README.md``, "Batched tasks"), so ``"auto"`` is the loop.
+:meth:`meta_loss` and :meth:`adapt` are the same in every mode.
+
 The inner loop always runs with gradients enabled (also under ``torch.no_grad()``, e.g. during validation); when the
 caller has gradients disabled no graph is kept and the returned loss is a plain tensor.
 """
@@ -33,23 +52,28 @@ caller has gradients disabled no graph is kept and the returned loss is a plain 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from monai_metalearn.networks.batchnorm import batch_norm_mode, check_batch_norm_mode
+from monai_metalearn.networks.checkpointing import checkpoint_function
 
 from .base import (
+    Episode,
     FunctionalPredictor,
     Learner,
     NarrowedPredictor,
     accuracy,
+    average_metrics,
     check_episode,
     is_classification_target,
     narrow_logits,
 )
-from .precision import InnerLossScaler, forward_autocast, inner_grads
+from .precision import InnerLossScaler, _fresh_casts, autocast_dtype, forward_autocast, inner_grads, no_autocast
+from .task_batching import TaskBatchingMixin, TaskBatchingState, autocast_of, batch_statistics_layers, run_task_batched
 
 __all__ = ["MAML", "FOMAML", "ANIL", "MetaSGD"]
 
@@ -57,7 +81,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 MetricFn = Callable[[Tensor, Tensor], float]
 
 
-class MAML(Learner):
+class MAML(TaskBatchingMixin, Learner):
     """Model-Agnostic Meta-Learning (Finn et al., 2017), second order by default.
 
     Args:
@@ -74,10 +98,22 @@ class MAML(Learner):
         metric_name: key of ``metric_fn``'s value in the metrics dict.
         inner_params: name prefixes of the parameters adapted in the inner loop (e.g. ``["head."]``); default: every
             parameter with ``requires_grad``.
+        task_batching: how :meth:`meta_batch_step` runs the tasks of a meta-batch: ``"loop"`` (one after the other),
+            ``"vmap"`` (one :func:`torch.func.vmap`, see the module docstring) or ``"auto"``
+            (:attr:`AUTO_TASK_BATCHING`).
+
+    Attributes:
+        AUTO_TASK_BATCHING: what ``task_batching="auto"`` picks for this class, measured on the CPU (one thread,
+            meta-batch 4, 5-way 1-shot, ``benchmarks/bench_task_batching.py``).
+        checkpoint_inner_steps: second order only: each inner step (support forward, differentiable gradient, update)
+            is checkpointed and recomputed during the outer backward, so the memory of the meta-gradient no longer
+            grows with ``inner_steps`` (:func:`~monai_metalearn.networks.checkpointing.checkpoint_function`; the
+            factories' ``activation_checkpointing="steps"``). Default ``False``.
 
     Raises:
         ValueError: for a negative ``inner_lr``, ``inner_steps < 1``, ``eval_inner_steps < 0``, an unknown
             ``batch_norm`` or ``inner_params`` matching no parameter.
+        ConfigError: (a ``ValueError``) for a ``task_batching`` other than ``"loop"``, ``"vmap"``, ``"auto"``.
 
     Example::
 
@@ -88,6 +124,9 @@ class MAML(Learner):
         predictor = learner.adapt(sx, sy)
         logits = predictor(qx)
     """
+
+    AUTO_TASK_BATCHING = "loop"
+    checkpoint_inner_steps: bool = False
 
     def __init__(
         self,
@@ -102,8 +141,10 @@ class MAML(Learner):
         batch_norm: str = "transductive",
         metric_name: str = "accuracy",
         inner_params: Sequence[str] | None = None,
+        task_batching: str = "loop",
     ) -> None:
         super().__init__()
+        self._task_batching = TaskBatchingState(task_batching, self.AUTO_TASK_BATCHING)
         if inner_lr < 0:
             raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
         if int(inner_steps) < 1:
@@ -194,15 +235,20 @@ class MAML(Learner):
                         self._check_logits(logits, y, n_way)
                     return self.loss_fn(narrow_logits(logits, n_way), y)
 
-                _, grads = inner_grads(
-                    support_loss, [params[n] for n in names], create_graph=create_graph, scaler=self.inner_scaler
-                )
-                new = {}
-                for n, g in zip(names, grads):
-                    new[n] = params[n] if g is None else params[n] - self._inner_lr(n) * g
-                    if not keep_graph:
-                        new[n] = new[n].detach().requires_grad_(True)
-                params = new
+                def sgd_step(*tensors: Tensor, loss: Callable[..., Tensor] = support_loss) -> tuple[Tensor, ...]:
+                    fast = dict(zip(names, tensors))
+                    _, grads = inner_grads(
+                        lambda: loss(fast), list(tensors), create_graph=create_graph, scaler=self.inner_scaler
+                    )
+                    updated = zip(names, tensors, grads)
+                    return tuple(t if g is None else t - self._inner_lr(n) * g for n, t, g in updated)
+
+                tensors = tuple(params[n] for n in names)
+                if create_graph and keep_graph and self.checkpoint_inner_steps:
+                    tensors = checkpoint_function(sgd_step, *tensors)  # recomputed during the outer backward
+                else:
+                    tensors = sgd_step(*tensors)
+                params = {n: t if keep_graph else t.detach().requires_grad_(True) for n, t in zip(names, tensors)}
         return params
 
     def _initial_params(self) -> dict[str, Tensor]:
@@ -250,6 +296,110 @@ class MAML(Learner):
         predictor = self._predictor({n: p.detach() for n, p in params.items()})
         return predictor if self.n_way is None or n_way == self.n_way else NarrowedPredictor(predictor, n_way)
 
+    # ----------------------------------------------------------------- batched tasks
+    def meta_batch_step(
+        self, episodes: Sequence[Episode], optimizer: torch.optim.Optimizer, scaler: Any | None = None
+    ) -> dict[str, float]:
+        """One meta-update from several tasks: the mean of their meta-losses, one backward, one optimizer step.
+
+        With ``task_batching="loop"`` this is :meth:`Learner.meta_batch_step
+        <monai_metalearn.learners.base.Learner.meta_batch_step>` (one task's graph alive at a time); with ``"vmap"``
+        (or ``"auto"`` resolved to it) the stacked episodes run as one :func:`torch.func.vmap` and the mean loss is
+        back-propagated once, unless a fallback applies (see the module docstring). Both give the same meta-gradient
+        and metrics up to float rounding.
+
+        Args:
+            episodes: ``(support_x, support_y, query_x, query_y)`` tuples.
+            optimizer: the meta-optimizer.
+            scaler: optional ``torch.amp.GradScaler`` (outer loss).
+
+        Returns:
+            metrics averaged over the tasks, plus ``"tasks"``.
+
+        Raises:
+            ValueError: if ``episodes`` is empty or an episode is malformed.
+        """
+        episodes = list(episodes)
+        if not episodes:
+            raise ValueError("meta_batch_step needs at least one episode")
+        return run_task_batched(
+            self,
+            self._task_batching,
+            episodes,
+            self.n_way,
+            lambda stacked, n_way: self._vmap_meta_batch_step(stacked, n_way, optimizer, scaler),
+            lambda: super(MAML, self).meta_batch_step(episodes, optimizer, scaler),
+            unsupported=self._vmap_unsupported() if self._task_batching.wants_vmap else None,
+        )
+
+    def _second_order_module(self) -> nn.Module:
+        """The part of the network the meta-gradient differentiates twice (the adapted part's forward pass)."""
+        return self.model
+
+    def _vmap_unsupported(self) -> str | None:
+        """Why this learner's meta-batch cannot run under vmap (see :func:`batch_statistics_layers`), or ``None``."""
+        if self.first_order:
+            return None
+        if self.checkpoint_inner_steps:
+            return "checkpoint_inner_steps is set: the memory saving of checkpointed inner steps needs the loop"
+        layers = batch_statistics_layers(self._second_order_module(), self.batch_norm)
+        if not layers:
+            return None
+        return (
+            f"second-order meta-gradients through {', '.join(layers)} are wrong under torch.func.vmap "
+            "(pytorch/functorch#534); first order and GroupNorm are exact"
+        )
+
+    def _vmap_meta_batch_step(
+        self,
+        stacked: tuple[Tensor, Tensor, Tensor, Tensor],
+        n_way: int | None,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any | None,
+    ) -> dict[str, float]:
+        """:meth:`meta_batch_step` of stacked episodes ``[T, ...]`` as one :func:`torch.func.vmap`."""
+        support_x, support_y, query_x, query_y = stacked
+        device_type = support_x.device.type
+        second_order = not self.first_order
+        optimizer.zero_grad(set_to_none=True)
+        start = self._initial_params()
+        names = list(start)
+        with forward_autocast(), batch_norm_mode(self.model, self.batch_norm), _fresh_casts():
+            amp = autocast_dtype(device_type)  # bfloat16 or None (float16 falls back to the loop)
+
+            def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+                zs = self._embed(sx)
+                params = start
+                for step in range(self.inner_steps):
+
+                    def support_loss(params: dict[str, Tensor], check: bool = step == 0) -> Tensor:
+                        with autocast_of(device_type, amp):  # the gradient itself is taken with autocast off
+                            logits = self._fast_forward(params, zs)
+                            if check:
+                                self._check_logits(logits, sy, n_way)
+                            return self.loss_fn(narrow_logits(logits, n_way), sy)
+
+                    with no_autocast(device_type):
+                        grads = torch.func.grad(support_loss)(params)
+                    params = {
+                        n: params[n] - self._inner_lr(n) * (grads[n] if second_order else grads[n].detach())
+                        for n in names
+                    }
+                logits = narrow_logits(self._fast_forward(params, self._embed(qx)), n_way)
+                return self.loss_fn(logits, qy), logits
+
+            losses, logits = torch.func.vmap(task, randomness="different")(support_x, support_y, query_x, query_y)
+            loss = losses.mean()
+        self._backward_step(loss, optimizer, scaler)
+        losses, logits = losses.detach(), logits.detach()
+        metrics = [
+            {"loss": float(losses[i]), self.metric_name: float(self.metric_fn(logits[i], query_y[i]))}
+            for i in range(losses.shape[0])
+        ]
+        out = average_metrics(metrics)
+        out["tasks"] = float(len(metrics))
+        return out
+
 
 class FOMAML(MAML):
     """First-order MAML: :class:`MAML` with ``first_order=True``.
@@ -267,6 +417,7 @@ class FOMAML(MAML):
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
         inner_params: name prefixes of the adapted parameters.
+        task_batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (see :class:`MAML`).
 
     Example::
 
@@ -285,6 +436,7 @@ class FOMAML(MAML):
         batch_norm: str = "transductive",
         metric_name: str = "accuracy",
         inner_params: Sequence[str] | None = None,
+        task_batching: str = "loop",
     ) -> None:
         super().__init__(
             model,
@@ -298,6 +450,7 @@ class FOMAML(MAML):
             batch_norm=batch_norm,
             metric_name=metric_name,
             inner_params=inner_params,
+            task_batching=task_batching,
         )
 
 
@@ -339,6 +492,7 @@ class ANIL(MAML):
         n_way: the head's width, the most classes per episode (see :class:`MAML`).
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
+        task_batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (see :class:`MAML`).
 
     Raises:
         ValueError: if ``model`` has no ``encoder`` or ``head`` submodule.
@@ -360,6 +514,7 @@ class ANIL(MAML):
         n_way: int | None = None,
         batch_norm: str = "transductive",
         metric_name: str = "accuracy",
+        task_batching: str = "loop",
     ) -> None:
         for attr in ("encoder", "head"):
             if not isinstance(getattr(model, attr, None), nn.Module):
@@ -376,10 +531,14 @@ class ANIL(MAML):
             batch_norm=batch_norm,
             metric_name=metric_name,
             inner_params=("head.",),
+            task_batching=task_batching,
         )
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.model.encoder(x)
+
+    def _second_order_module(self) -> nn.Module:
+        return self.model.head
 
     def _fast_forward(self, params: dict[str, Tensor], z: Tensor) -> Tensor:
         return functional_call(self.model.head, {n[len("head.") :]: p for n, p in params.items()}, (z,))
@@ -410,6 +569,7 @@ class MetaSGD(MAML):
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
         inner_params: name prefixes of the adapted parameters.
+        task_batching: ``"loop"``, ``"vmap"`` or ``"auto"`` (see :class:`MAML`).
 
     Example::
 
@@ -430,6 +590,7 @@ class MetaSGD(MAML):
         batch_norm: str = "transductive",
         metric_name: str = "accuracy",
         inner_params: Sequence[str] | None = None,
+        task_batching: str = "loop",
     ) -> None:
         super().__init__(
             model,
@@ -443,6 +604,7 @@ class MetaSGD(MAML):
             batch_norm=batch_norm,
             metric_name=metric_name,
             inner_params=inner_params,
+            task_batching=task_batching,
         )
         named = dict(self.model.named_parameters())
         self.inner_lrs = nn.ParameterDict(

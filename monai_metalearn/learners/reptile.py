@@ -18,6 +18,12 @@ Two outer-update styles:
 BatchNorm: ``"transductive"`` (default: batch statistics, running statistics untouched) or ``"frozen"``; see
 :mod:`monai_metalearn.networks.batchnorm`. The loss and metric are pluggable as in MAML (segmentation targets work).
 
+Batched tasks (``task_batching``, see :mod:`monai_metalearn.learners.task_batching` and the "Batched tasks" paragraph
+of :mod:`monai_metalearn.learners.maml`): with ``"vmap"`` and ``inner_optimizer="sgd"`` the meta-batch's inner loops
+run as one :func:`torch.func.vmap` of plain SGD steps (``w - inner_lr * g``, gradients from :func:`torch.func.grad`),
+giving the same adapted weights as the loop; the Adam inner optimizer, float16 autocast, episodes of unequal shapes
+and models vmap cannot run fall back to the loop (logged once at INFO).
+
 Mixed precision (see :mod:`monai_metalearn.learners.precision`): the inner forward passes run under autocast, their
 gradients are taken by :func:`~monai_metalearn.learners.precision.inner_grads` (float16 losses scaled by
 ``learner.inner_scaler``, a step that overflows recomputed in float32) and the inner optimizer steps on the float32
@@ -47,7 +53,8 @@ from .base import (
     is_classification_target,
     narrow_logits,
 )
-from .precision import InnerLossScaler, forward_autocast, inner_grads, no_autocast
+from .precision import InnerLossScaler, _fresh_casts, autocast_dtype, forward_autocast, inner_grads, no_autocast
+from .task_batching import TaskBatchingMixin, TaskBatchingState, autocast_of, run_task_batched
 
 __all__ = ["Reptile"]
 
@@ -55,7 +62,7 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 OUTER_UPDATES = ("interpolate", "optimizer")
 
 
-class Reptile(Learner):
+class Reptile(TaskBatchingMixin, Learner):
     """Reptile meta-learner.
 
     Args:
@@ -75,15 +82,24 @@ class Reptile(Learner):
         batch_norm: ``"transductive"`` or ``"frozen"``.
         metric_name: metrics key of ``metric_fn``.
         outer_lr: alias of ``epsilon``.
+        task_batching: how :meth:`meta_batch_step` runs the tasks: ``"loop"``, ``"vmap"`` (``inner_optimizer="sgd"``
+            only; Adam falls back to the loop) or ``"auto"`` (:attr:`AUTO_TASK_BATCHING`).
+
+    Attributes:
+        AUTO_TASK_BATCHING: what ``task_batching="auto"`` picks, measured on the CPU
+            (``benchmarks/bench_task_batching.py``).
 
     Raises:
-        ValueError: for a non-positive ``inner_lr``/``epsilon``, ``inner_steps < 1``, or an unknown option.
+        ValueError: for a non-positive ``inner_lr``/``epsilon``, ``inner_steps < 1``, or an unknown option
+            (``task_batching``: a ``ConfigError``).
 
     Example::
 
         learner = Reptile(model, inner_lr=0.01, inner_steps=5, epsilon=0.1)
         metrics = learner.outer_step(sx, sy, qx, qy, optimizer=None)
     """
+
+    AUTO_TASK_BATCHING = "loop"
 
     def __init__(
         self,
@@ -101,8 +117,10 @@ class Reptile(Learner):
         batch_norm: str = "transductive",
         metric_name: str = "accuracy",
         outer_lr: float | None = None,
+        task_batching: str = "loop",
     ) -> None:
         super().__init__()
+        self._task_batching = TaskBatchingState(task_batching, self.AUTO_TASK_BATCHING)
         if outer_lr is not None:
             epsilon = outer_lr
         if inner_lr <= 0:
@@ -275,6 +293,62 @@ class Reptile(Learner):
             raise ValueError("meta_batch_step needs at least one episode")
         if self.outer_update == "optimizer" and optimizer is None:
             raise ValueError('outer_update="optimizer" needs an optimizer')
+        unsupported = None
+        if self.inner_optimizer != "sgd":
+            unsupported = f"inner_optimizer={self.inner_optimizer!r} has no vmap path (only plain SGD inner steps)"
+        return run_task_batched(
+            self,
+            self._task_batching,
+            episodes,
+            self.n_way,
+            lambda stacked, n_way: self._vmap_meta_batch_step(stacked, n_way, optimizer),
+            lambda: self._loop_meta_batch_step(episodes, optimizer),
+            unsupported=unsupported,
+        )
+
+    def _vmap_meta_batch_step(
+        self, stacked: tuple[Tensor, Tensor, Tensor, Tensor], n_way: int | None, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, float]:
+        """:meth:`meta_batch_step` of stacked episodes ``[T, ...]``: the SGD inner loops as one vmap."""
+        support_x, support_y, query_x, query_y = stacked
+        if self.inner_on_query:
+            x, y = torch.cat([support_x, query_x], 1), torch.cat([support_y, query_y], 1)
+        else:
+            x, y = support_x, support_y
+        device_type = x.device.type
+        start = {n: p.detach() for n, p in self._trainable().items()}
+        with batch_norm_mode(self.model, self.batch_norm), forward_autocast(), _fresh_casts():
+            amp = autocast_dtype(device_type)  # bfloat16 or None (float16 falls back to the loop)
+
+            def task(x: Tensor, y: Tensor, qx: Tensor, qy: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+                fast = start
+                for _ in range(self.inner_steps):
+
+                    def loss(fast: dict[str, Tensor]) -> Tensor:
+                        with autocast_of(device_type, amp):  # the gradient is taken with autocast off
+                            return self.loss_fn(narrow_logits(functional_call(self.model, fast, (x,)), n_way), y)
+
+                    with no_autocast(device_type):
+                        grads = torch.func.grad(loss)(fast)
+                        fast = {n: w - self.inner_lr * grads[n] for n, w in fast.items()}
+                with torch.no_grad():
+                    logits = narrow_logits(functional_call(self.model, fast, (qx,)), n_way)
+                    return fast, self.loss_fn(logits, qy), logits
+
+            fasts, losses, logits = torch.func.vmap(task, randomness="different")(x, y, query_x, query_y)
+        n_tasks = losses.shape[0]
+        self._outer_update([{n: t[i] for n, t in fasts.items()} for i in range(n_tasks)], optimizer)
+        metrics = [
+            {"loss": float(losses[i]), self.metric_name: float(self.metric_fn(logits[i], query_y[i]))}
+            for i in range(n_tasks)
+        ]
+        out = average_metrics(metrics)
+        out["tasks"] = float(n_tasks)
+        return out
+
+    def _loop_meta_batch_step(
+        self, episodes: Sequence[Episode], optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, float]:
         fasts, all_metrics = [], []
         for sx, sy, qx, qy in episodes:
             n_way = check_episode(sx, sy, qx, qy, max_n_way=self.n_way)

@@ -47,10 +47,11 @@ from monai_metalearn.networks.segmentation import SegmentationModel, segmentatio
 from monai_metalearn.transforms.intensity import IGNORE_LABEL
 
 from .base import Episode, Learner, average_metrics, check_episode
-from .factory import learner_key
+from .factory import checkpoint_inner_steps, configure_memory, learner_key
 from .maml import ANIL, FOMAML, MAML
 from .precision import forward_autocast, no_autocast
 from .atlas import AtlasIntensitySegmenter, AtlasSegmenter, MultiAtlasSegmenter
+from .atlas_learned import AtlasSelfTrainingSegmenter
 from .references import BoxAlignedReference, WholeBodyReference
 from .reptile import Reptile
 
@@ -76,7 +77,8 @@ __all__ = [
 #: atlas learners), by name.
 VOLUME_LEARNERS: dict[str, type[Learner]] = {"wholebody": WholeBodyReference, "boxaligned": BoxAlignedReference,
                                              "atlas": AtlasSegmenter, "multiatlas": MultiAtlasSegmenter,
-                                             "atlas_em": AtlasIntensitySegmenter}
+                                             "atlas_em": AtlasIntensitySegmenter,
+                                             "atlas_selftrain": AtlasSelfTrainingSegmenter}
 
 SEGMENTATION_LEARNERS = ("maml", "fomaml", "anil", "reptile", "protoseg", "finetune", "scratch", *VOLUME_LEARNERS)
 """Names accepted by :func:`create_segmentation_learner`."""
@@ -827,6 +829,8 @@ def create_segmentation_learner(
     backbone: nn.Module | None = None,
     feature_channels: int | None = None,
     n_base_structures: int | None = None,
+    activation_checkpointing: bool | str = False,
+    channels_last: bool = False,
     **kwargs: Any,
 ) -> Learner:
     """A few-shot segmentation learner of the family ``name`` around a dense ``backbone``.
@@ -846,10 +850,16 @@ def create_segmentation_learner(
         backbone: ``[B, C, *S] -> [B, feature_channels, *S]``, e.g. :func:`~monai_metalearn.networks.unet_backbone`.
         feature_channels: the backbone's output channels.
         n_base_structures: meta-train structures, for ``finetune``'s pre-training head.
+        activation_checkpointing: ``False`` (default), ``True`` (= ``"all"``), ``"blocks"``, ``"steps"`` or ``"all"``:
+            checkpoint the backbone's blocks and/or the second-order inner steps of ``maml`` / ``anil``
+            (:func:`~monai_metalearn.learners.factory.configure_memory`); a config entry, no code change.
+        channels_last: store the backbone in ``channels_last_3d`` (pays on CUDA only).
         kwargs: the learner's own arguments (``inner_lr``, ``inner_steps``, ``local``, ``finetune_steps`` ...).
 
     Raises:
         ValueError: unknown name (the message lists the known ones), or ``finetune`` without ``n_base_structures``.
+        ConfigError: (a ``ValueError``) a bad ``activation_checkpointing`` or ``channels_last``, or either of them
+            for a whole-volume learner (no network).
 
     Example::
 
@@ -860,16 +870,20 @@ def create_segmentation_learner(
         raise ValueError(f"unknown segmentation learner {name!r}; choose one of {list(SEGMENTATION_LEARNERS)}.")
     if key in _GRADIENT_LEARNERS and (backbone is None or feature_channels is None):
         raise ValueError(f"segmentation learner {name!r} needs a backbone and its feature_channels.")
+    mode = configure_memory(None if key in VOLUME_LEARNERS else backbone, activation_checkpointing, channels_last)
     if key in _GRADIENT_LEARNERS:
         model = SegmentationModel(backbone, feature_channels, 2)
         kwargs = {"loss_fn": segmentation_loss(), "metric_fn": dice_from_logits, "metric_name": "dice", **kwargs}
-        return _GRADIENT_LEARNERS[key](model, **kwargs)
+        return checkpoint_inner_steps(_GRADIENT_LEARNERS[key](model, **kwargs), mode, key)
     if key in VOLUME_LEARNERS:  # whole-volume learners: no network
         return VOLUME_LEARNERS[key](**kwargs)
     if backbone is None or feature_channels is None:
         raise ValueError(f"segmentation learner {name!r} needs a backbone and its feature_channels.")
     if key == "protoseg":
-        return PrototypeSegmenter(backbone, **kwargs)
+        return checkpoint_inner_steps(PrototypeSegmenter(backbone, **kwargs), mode, key)
     if key == "finetune" and n_base_structures is None:
         raise ValueError("the 'finetune' learner needs n_base_structures (the number of meta-train structures).")
-    return SegmentationFineTune(backbone, feature_channels, n_base_structures, pretrained=key == "finetune", **kwargs)
+    learner = SegmentationFineTune(
+        backbone, feature_channels, n_base_structures, pretrained=key == "finetune", **kwargs
+    )
+    return checkpoint_inner_steps(learner, mode, key)

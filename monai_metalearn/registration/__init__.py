@@ -3,10 +3,11 @@ similarities) on MONAI's ``Warp`` / ``DVF2DDF`` / losses, and label fusion for s
 
 Example::
 
-    from monai_metalearn.registration import register, majority_vote
+    from monai_metalearn.registration import register, register_many, majority_vote
 
     result = register(atlas_image, query_image)              # MetaTensors [1, *S] with affines
     carried = result.warp_label(atlas_label)                 # on the query's own grid
+    results = register_many([atlas1, atlas2, atlas3], query_image)  # K atlases of one query in one problem
 """
 
 from monai_metalearn.registration.fusion import majority_vote, local_weights, staple, weighted_vote
@@ -20,6 +21,7 @@ from monai_metalearn.registration.pairwise import (
     dice_per_label,
     register,
 )
+from monai_metalearn.registration.batched import register_many
 from monai_metalearn.registration.similarity import (
     SIMILARITIES,
     Similarity,
@@ -49,6 +51,7 @@ __all__ = [
     "mind_ssc",
     "normalize_intensity",
     "register",
+    "register_many",
     "resample",
     "sample",
     "staple",

@@ -448,6 +448,21 @@ class _Level:
             self.weight = torch.ones((1, 1, *self.grid.shape), device=device)
         self.moving_weight = moving_weight  # (mask [1,1,*S], grid) or None
         self.ones = torch.ones((1, 1, *self.moving_grid.shape), device=device)
+        self._sources = (spacing, fimg, sl, mimg, fixed_feat_cache, moving_feat_cache)
+
+    def fixed_as(self, sim: Similarity) -> Tensor:
+        """The fixed features of another similarity (``affine_similarity``) on the cropped working grid."""
+        spacing, fimg, sl, _, fixed_cache, _ = self._sources
+        if (spacing, sim.name) not in fixed_cache:
+            fixed_cache[(spacing, sim.name)] = sim.features(fimg)
+        return fixed_cache[(spacing, sim.name)][(slice(None), slice(None), *sl)].contiguous()
+
+    def moving_as(self, sim: Similarity) -> Tensor:
+        """The moving features of another similarity on the moving image's own grid."""
+        spacing, _, _, mimg, _, moving_cache = self._sources
+        if (spacing, sim.name) not in moving_cache:
+            moving_cache[(spacing, sim.name)] = sim.features(mimg)
+        return moving_cache[(spacing, sim.name)]
 
     def pull(self, feat: Tensor, y: Tensor) -> Tensor:
         return sample(feat, self.moving_grid.affine, y).reshape(1, feat.shape[1], *self.grid.shape)

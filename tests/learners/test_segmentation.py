@@ -14,6 +14,7 @@ from torch import nn
 
 from monai_metalearn.learners import (
     AtlasIntensitySegmenter,
+    AtlasSelfTrainingSegmenter,
     AtlasSegmenter,
     MultiAtlasSegmenter,
     BoxAlignedReference,
@@ -333,6 +334,7 @@ def test_create_segmentation_learner():
         "atlas": AtlasSegmenter,
         "multiatlas": MultiAtlasSegmenter,
         "atlas_em": AtlasIntensitySegmenter,
+        "atlas_selftrain": AtlasSelfTrainingSegmenter,
     }
     assert set(SEGMENTATION_LEARNERS) == set(expected)
     for name, cls in expected.items():
