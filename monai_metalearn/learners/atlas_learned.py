@@ -40,17 +40,6 @@ from .atlas import AtlasSegmenter
 __all__ = ["AtlasSelfTrainingSegmenter", "self_training_posterior"]
 
 
-def _binary_morph(mask: Tensor, radius: int, dilate: bool) -> Tensor:
-    """Dilation (or erosion) of a boolean ``[*S]`` mask by a cube of ``radius`` voxels."""
-    if radius <= 0:
-        return mask
-    x = mask.float()[None, None]
-    k = 2 * radius + 1
-    if dilate:
-        return F.max_pool3d(x, k, stride=1, padding=radius)[0, 0] > 0
-    return -F.max_pool3d(-x, k, stride=1, padding=radius)[0, 0] > 0
-
-
 def _features(x: Tensor, sigmas: Sequence[float] = ()) -> Tensor:
     """Per-voxel appearance features ``[F, *S]`` of a z-scored box ``[*S]``: the intensity, and its Gaussian
     smoothings and local standard deviations at ``sigmas`` voxels."""
@@ -132,7 +121,11 @@ def self_training_posterior(
     agree = hard.all(0) | (~hard).all(0)
     fg_box = fg[box]
     target = fg_box.float()
-    weight = ((_binary_morph(fg_box, margin, dilate=False) | ~_binary_morph(fg_box, margin, dilate=True)) & agree)
+    from monai_metalearn.registration.pairwise import _dilate
+
+    inner = ~_dilate(~fg_box[None, None], margin)[0, 0]  # erosion: the background dilated
+    outer = ~_dilate(fg_box[None, None], margin)[0, 0]
+    weight = (inner | outer) & agree
     feats = [_features(_zscore(query.float().reshape(shape)[box]), feature_sigmas)]
     targets, weights = [target], [weight.float()]
     if atlas_images is not None:
