@@ -77,9 +77,13 @@ def segment_pair(
     supports = [support] if isinstance(support, Mapping) else list(support)
     masks = [subject_mask(s, structure) for s in supports]
     if hasattr(learner, "prepare_protocol"):
+        from monai_metalearn.data import registration_settings
+
         learner.prepare_protocol(spacing=query.get("pixdim"),
                                  support_modalities=sorted({str(s.get("modality")) for s in supports}),
-                                 query_modalities=[str(query.get("modality"))])
+                                 query_modalities=[str(query.get("modality"))],
+                                 registration=registration_settings(
+                                     sorted({str(s.get("source")) for s in [query, *supports]})))
     x = query["image"][None].to(device)
     if getattr(learner, "whole_volume", False):
         predictor = learner.adapt([s["image"].to(device) for s in supports], [m.to(device) for m in masks])

@@ -628,7 +628,10 @@ def evaluate_segmentation(
 
 def _protocol_geometry(subjects: Sequence[Mapping[str, Any]], support: Sequence[str] | None,
                        query: Sequence[str] | None) -> dict[str, Any]:
-    """Voxel spacing and modalities of a protocol's support and query subjects (for ``prepare_protocol``)."""
+    """Voxel spacing, modalities and the sources' registration settings of a protocol's support and query subjects
+    (for ``prepare_protocol``)."""
+    from monai_metalearn.data import registration_settings
+
     def pick(pool):
         keep = None if pool is None else {str(p) for p in pool}
         return [s for s in subjects if keep is None or str(s.get("subject")) in keep]
@@ -636,7 +639,8 @@ def _protocol_geometry(subjects: Sequence[Mapping[str, Any]], support: Sequence[
     sup, qry = pick(support), pick(query)
     spacing = next((s["pixdim"] for s in qry + sup if s.get("pixdim") is not None), None)
     return {"spacing": spacing, "support_modalities": sorted({str(s.get("modality")) for s in sup}),
-            "query_modalities": sorted({str(s.get("modality")) for s in qry})}
+            "query_modalities": sorted({str(s.get("modality")) for s in qry}),
+            "registration": registration_settings(sorted({str(s.get("source")) for s in qry + sup}))}
 
 
 def merge_fold_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -829,8 +833,12 @@ def segment_task(
             mod = item.get("modality") or top_modality
             return str(mod).upper() if mod else ("MR" if kind == "mr" else "CT" if kind else "unknown")
 
+        from monai_metalearn.data import registration_settings
+
+        sources = sorted({str(i.get("source") or task.get("source")) for i in [*task["support"], *task["query"]]})
         learner.prepare_protocol(spacing=pixdim, support_modalities=sorted({modality(i) for i in task["support"]}),
-                                 query_modalities=sorted({modality(i) for i in task["query"]}))
+                                 query_modalities=sorted({modality(i) for i in task["query"]}),
+                                 registration=registration_settings(sources))
     try:
         with torch.enable_grad():
             predictor = learner.adapt(sx, sy)

@@ -28,7 +28,15 @@ from monai_metalearn.data.patches import (
 )
 from monai_metalearn.data.readers import NpzReader
 from monai_metalearn.data.sampler import Episode, EpisodeSampler, check_disjoint_splits, split_classes
-from monai_metalearn.data.sources import SOURCES, Source, UpstreamLayout, data_dir, get_source, load_datalist
+from monai_metalearn.data.sources import (
+    SOURCES,
+    Source,
+    UpstreamLayout,
+    data_dir,
+    get_source,
+    load_datalist,
+    registration_settings,
+)
 from monai_metalearn.data.upstream import LabelIdError
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "build_structure_patches",
     "canonical_name",
     "check_disjoint_splits",
+    "registration_settings",
     "class_counts",
     "data_dir",
     "episode_collate",

@@ -79,6 +79,7 @@ __all__ = [
     "SOURCES",
     "get_source",
     "load_datalist",
+    "registration_settings",
     "ADRENAL_CLASSES",
 ]
 
@@ -156,6 +157,10 @@ class Source:
             ``"mr"`` or ``"binary"``.
         obtain: where to obtain the data set when ``url`` is empty (named by :meth:`download` and missing-file errors).
         upstream: the data set's original layout, read when the shared one is absent; ``None`` when there is one only.
+        registration: :class:`~monai_metalearn.registration.RegistrationConfig` settings the source's scans need
+            beyond the defaults; the registration-based learners take them for protocols over the source
+            (``prepare_protocol``) unless their user set the field. ACDC: a full circle of in-plane rotations in
+            the initial search, as short-axis stacks are imaged in planes rotated differently per patient.
 
     Raises:
         ValueError: an unknown ``intensity`` kind, or an empty ``url`` without ``obtain``.
@@ -173,6 +178,7 @@ class Source:
     intensity: str
     obtain: str = ""
     upstream: UpstreamLayout | None = field(default=None, repr=False, compare=False)
+    registration: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.intensity not in _INTENSITY_KINDS:
@@ -1248,6 +1254,7 @@ _SOURCE_LIST = (
             "database/training/ folder holds patient001/ ... with Info.cfg."
         ),
         upstream=UpstreamLayout(upstream.ACDC_LAYOUT, upstream.find_acdc, _acdc_upstream),
+        registration={"initial_rotations": tuple(float(a) for a in range(0, 360, 30))},
     ),
     Source(
         name="lpba40",
@@ -1322,3 +1329,20 @@ def load_datalist(name: str, root: PathLike | None = None, **kwargs: Any) -> lis
         ed = load_datalist("acdc", phases=("ED",))  # one item per patient
     """
     return get_source(name).datalist(root, **kwargs)
+
+
+def registration_settings(sources: Iterable[Any]) -> dict[str, Any]:
+    """The :attr:`Source.registration` settings of the named sources, merged (the first name's value wins where two
+    sources set one field). Names that are not in :data:`SOURCES` (a user's own data) and ``None`` add nothing.
+
+    Example::
+
+        registration_settings(["acdc"])  # {"initial_rotations": (0.0, 30.0, ..., 330.0)}
+        registration_settings(["btcv_sabs", "my_scans"])  # {}
+    """
+    out: dict[str, Any] = {}
+    for name in sources:
+        src = SOURCES.get(str(name)) if name is not None else None
+        for key, value in (src.registration.items() if src is not None else ()):
+            out.setdefault(key, value)
+    return out

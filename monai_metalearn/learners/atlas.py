@@ -122,8 +122,9 @@ class AtlasSegmenter(VolumeLearner):
             raise ValueError(f"AtlasSegmenter: unknown registration settings {bad}; RegistrationConfig has "
                              f"{sorted(fields)}")
         self.similarity = str(similarity)
+        self.registration = dict(registration or {})
         self.config = RegistrationConfig(similarity="lncc" if similarity == "auto" else similarity,
-                                         **dict(registration or {}))
+                                         **self.registration)
         self.weighted_sigma = float(weighted_sigma)
         self.device = device
         self.seed = int(seed)
@@ -139,10 +140,26 @@ class AtlasSegmenter(VolumeLearner):
         return f"fusion={self.fusion!r}, similarity={self.similarity!r}, spacing={self.spacing}"
 
     def prepare_protocol(self, spacing: Sequence[float] | None = None, support_modalities: Sequence[str] = (),
-                         query_modalities: Sequence[str] = ()) -> None:
+                         query_modalities: Sequence[str] = (), registration: Mapping[str, Any] | None = None) -> None:
         """Called by the evaluation and inference apps before a protocol or task: the voxel spacing of plain-tensor
-        volumes and, with ``similarity="auto"``, the similarity (MIND-SSC when the atlases' and queries' modalities
-        differ, LNCC otherwise)."""
+        volumes, with ``similarity="auto"`` the similarity (MIND-SSC when the atlases' and queries' modalities
+        differ, LNCC otherwise) and, with ``registration``, the registration settings the protocol's sources need
+        (:func:`~monai_metalearn.data.registration_settings`, e.g. ACDC's in-plane rotation search): they replace
+        those of the previous protocol, and a field set in the constructor's ``registration`` keeps its value.
+
+        Raises:
+            ValueError: ``registration`` names a field :class:`~monai_metalearn.registration.RegistrationConfig`
+                does not have.
+        """
+        if registration is not None:
+            from monai_metalearn.registration import RegistrationConfig
+
+            fields = {f.name for f in dataclasses.fields(RegistrationConfig)}
+            bad = sorted(set(registration) - fields)
+            if bad:
+                raise ValueError(f"AtlasSegmenter.prepare_protocol: unknown registration settings {bad}")
+            merged = {**{k: v for k, v in registration.items() if k != "similarity"}, **self.registration}
+            self.config = RegistrationConfig(similarity=self.config.similarity, **merged)
         if spacing is not None:
             sp = [float(v) for v in (spacing if isinstance(spacing, Sequence) else [spacing] * 3)]
             self.spacing = tuple(sp if len(sp) == 3 else sp[:1] * 3)

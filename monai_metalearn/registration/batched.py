@@ -493,6 +493,7 @@ def _register_batch(movings, mgrids, masks, fx: _Fixed, cfg: RegistrationConfig,
                 axis=cfg.body_axis, step=s0, min_overlap=cfg.min_overlap, scale=cfg.initial_scale,
                 top_k=cfg.initial_candidates if "affine" in cfg.stages else 1,
                 fixed_weight=fx.weight0 if fx.weight0 is not None else torch.ones_like(fx.body),
+                rotations=cfg.initial_rotations,
             )
             losses[k]["initial"] = [[c[-1] for c in infos[k].get("candidates", [])]]
             t_initial[k] = time.perf_counter() - t0

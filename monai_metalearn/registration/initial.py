@@ -164,6 +164,7 @@ def initial_alignment(
     top_k: int = 1,
     separation: float = 3.0,
     outside: str = "penalize",
+    rotations: Sequence[float] = (0.0,),
 ) -> tuple[Tensor, dict[str, Any]]:
     """A first transform from the fixed to the moving world space.
 
@@ -193,10 +194,15 @@ def initial_alignment(
             against zero padding, so a candidate that explains less of the fixed body scores worse: without it,
             a small overlap of similar-looking anatomy wins, e.g. a pelvis for an upper abdomen) or ``"ignore"``
             (scored over the overlap only).
+        rotations: in-plane rotations (degrees, about ``axis`` through the overlap's body centre) tried for every
+            translation and scale. ``(0,)`` for scans of one orientation (axial CT and MR); a full circle (e.g.
+            every 30 degrees) where subjects are imaged in differently rotated planes, such as cardiac short-axis
+            stacks, whose in-plane rotation varies from patient to patient.
 
     Returns:
         the 4x4 float64 matrix ``T`` with ``moving_point = T @ fixed_point`` and a dict of diagnostics
-        (``"offset"``, ``"scale"``, ``"score"``, ``"candidates"``: list of ``(t, scale, score)``).
+        (``"offset"``, ``"scale"``, ``"score"``, ``"rotation"`` (degrees), ``"candidates"``: list of
+        ``(t, scale, score)``, ``"candidate_rotations"``: the rotation of each candidate).
 
     Raises:
         ValueError: unknown ``method``, or no candidate has the required overlap.
@@ -243,8 +249,10 @@ def initial_alignment(
     ones = torch.ones((1, 1, *moving_grid.shape), device=moving.device, dtype=moving.dtype)
     plane = [a for a in range(3) if a != axis]
     results = []
+    angles: list[float] = []
     best = None
     mats: list[Tensor] = []
+    rots = [(float(a), _rotation(axis, float(a))) for a in rotations]
     with torch.no_grad():
         for t in cands:
             zf = pos_f[(pos_f + t >= ext_m[0]) & (pos_f + t <= ext_m[1])]
@@ -268,33 +276,58 @@ def initial_alignment(
             centre_t = torch.as_tensor(centre)
             for factor in scales:
                 s = s_area * float(factor)
-                mat = torch.eye(4, dtype=torch.float64)
-                mat[:3, :3] *= s
-                mat[:3, 3] = centre_t + torch.as_tensor(offset) - s * centre_t
-                score = _score(similarity, moving, moving_grid, fixed, pts, weight, ones, mat, outside == "ignore")
-                results.append((float(t), s, score))
-                mats.append(mat)
-                if best is None or score < best[0]:
-                    best = (score, mat, offset, s)
+                for angle, rot in rots:
+                    # moving = centre + offset + s R (fixed - centre)
+                    mat = torch.eye(4, dtype=torch.float64)
+                    mat[:3, :3] = s * rot
+                    mat[:3, 3] = centre_t + torch.as_tensor(offset) - s * rot @ centre_t
+                    score = _score(similarity, moving, moving_grid, fixed, pts, weight, ones, mat,
+                                   outside == "ignore")
+                    results.append((float(t), s, score))
+                    angles.append(angle)
+                    mats.append(mat)
+                    if best is None or score < best[0]:
+                        best = (score, mat, offset, s, angle)
     if best is None:
         raise ValueError("initial_alignment: no candidate overlaps the moving body.")
-    score, mat, offset, s = best
+    score, mat, offset, s, angle = best
     return mat, {"method": method, "offset": [float(o) for o in offset], "scale": s, "score": score,
-                 "candidates": results, "top": _local_minima(results, mats, separation * step, top_k)}
+                 "rotation": angle, "candidates": results, "candidate_rotations": angles,
+                 "top": _local_minima(results, mats, separation * step, top_k, angles)}
+
+
+def _rotation(axis: int, degrees: float) -> Tensor:
+    """3x3 float64 rotation by ``degrees`` about world ``axis`` (right-handed)."""
+    a = np.deg2rad(degrees)
+    c, s = float(np.cos(a)), float(np.sin(a))
+    i, j = [k for k in range(3) if k != axis]
+    rot = torch.eye(3, dtype=torch.float64)
+    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
+    return rot
 
 
 def _local_minima(results: list[tuple[float, float, float]], mats: list[Tensor], separation: float,
-                  k: int) -> list[tuple[float, Tensor]]:
-    """The ``k`` best candidates whose translations are at least ``separation`` mm apart, best first:
-    ``[(score, matrix), ...]``."""
+                  k: int, angles: Sequence[float] | None = None, angle_separation: float = 45.0) -> list[
+                      tuple[float, Tensor]]:
+    """The ``k`` best candidates whose translations are at least ``separation`` mm apart (or, with ``angles``,
+    whose rotations differ by at least ``angle_separation`` degrees), best first: ``[(score, matrix), ...]``."""
     order = sorted(range(len(results)), key=lambda i: results[i][2])
     kept: list[int] = []
+
+    def apart(i: int, j: int) -> bool:
+        if abs(results[i][0] - results[j][0]) >= separation:
+            return True
+        if angles is None:
+            return False
+        d = abs((angles[i] - angles[j] + 180.0) % 360.0 - 180.0)
+        return d >= angle_separation
+
     for i in order:
         if len(kept) >= k:
             break
         if not np.isfinite(results[i][2]):
             continue
-        if all(abs(results[i][0] - results[j][0]) >= separation for j in kept):
+        if all(apart(i, j) for j in kept):
             kept.append(i)
     return [(results[i][2], mats[i]) for i in kept]
 

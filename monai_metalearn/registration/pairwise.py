@@ -60,7 +60,7 @@ AFFINE_DOF = (6, 7, 9, 12)
 
 
 def _tuple(value: Any, n: int | None = None) -> tuple:
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, range)):
         return tuple(value)
     return (value,) * (n or 1)
 
@@ -108,6 +108,10 @@ class RegistrationConfig:
             steps apart) each get ``initial_refine_iterations`` affine iterations at the coarsest affine level;
             the one with the lowest loss goes on.
         initial_refine_iterations: see ``initial_candidates`` (0: no multi-start).
+        initial_rotations: in-plane rotations (degrees, about ``body_axis``) the initial search tries for every
+            translation: ``(0,)`` for axial scans; e.g. ``range(0, 360, 30)`` for cardiac short-axis stacks, whose
+            in-plane orientation differs between patients. Candidates at least 45 degrees apart count as distinct
+            starts of the multi-start.
         body_axis: world axis along the body (2: superior-inferior in RAS/LPS).
         body_threshold: body mask threshold of the normalised images (default: Otsu).
         mask: ``"body"``: the similarity is taken over the fixed body mask (dilated by ``mask_margin``) inside the
@@ -143,6 +147,7 @@ class RegistrationConfig:
     initial_scale: bool = True
     initial_candidates: int = 3
     initial_refine_iterations: int = 40
+    initial_rotations: tuple[float, ...] = (0.0,)
     body_axis: int = 2
     body_threshold: float | None = None
     mask: str = "body"
@@ -166,6 +171,9 @@ class RegistrationConfig:
             raise ValueError(f"mask must be 'body', 'fov' or 'none', got {self.mask!r}.")
         if float(self.spacing) <= 0:
             raise ValueError(f"spacing must be positive, got {self.spacing}.")
+        self.initial_rotations = tuple(float(v) for v in _tuple(self.initial_rotations))
+        if not self.initial_rotations:
+            raise ValueError("initial_rotations needs at least one angle (0 for none).")
         self.levels = tuple(float(v) for v in _tuple(self.levels))
         self.affine_levels = tuple(float(v) for v in _tuple(self.affine_levels))
         for name, lv, it in (("iterations", self.levels, self.iterations),
@@ -629,6 +637,7 @@ def _register(moving, fixed, mgrid, fgrid, moving_mask, fixed_mask, cfg: Registr
             axis=cfg.body_axis, step=s0, min_overlap=cfg.min_overlap, scale=cfg.initial_scale,
             top_k=cfg.initial_candidates if "affine" in cfg.stages else 1,
             fixed_weight=fixed_w0 if fixed_w0 is not None else torch.ones_like(f_body),
+            rotations=cfg.initial_rotations,
         )
         losses["initial"] = [[c[-1] for c in info.get("candidates", [])]]
         timings["initial"] = time.perf_counter() - t0

@@ -44,7 +44,7 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def trained(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("cls") / "run"
     proc = ok(bundle(["train.json"], *SMALL, "--learner_name", "protonet", "--epochs", "1", out=out))

@@ -37,7 +37,7 @@ def case(data_dir: Path, patient: str) -> list[str]:
     return [str(data_dir / "acdc" / f"{patient}_{phase}.nii.gz") for phase in ("ED", "ES")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def trained(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("diag") / "run"
     proc = ok(bundle(["train.json", "diagnosis.json"], *SMALL, out=out))

@@ -38,7 +38,7 @@ FOLD0_BTCV = {f"btcv_sabs_{i:02d}" for i in range(0, 20, 2)}
 pytestmark = pytest.mark.xdist_group("bundle")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def cache_dir(tmp_path_factory) -> Path:
     """Subjects cache shared by every run of the module."""
     return tmp_path_factory.mktemp("seg_cache")
@@ -71,7 +71,7 @@ def one_line_error(proc: subprocess.CompletedProcess, *reasons: str) -> str:
     return last
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def trained(tmp_path_factory, data_dir, cache_dir):
     out = tmp_path_factory.mktemp("seg") / "run"
     proc = ok(bundle(["train.json"], *SMALL, "--epochs", "1", out=out, cache=cache_dir))

@@ -58,7 +58,7 @@ def _summary(path: str, structures: dict[str, int]) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def multi(data_dir):
     """Every item of the four sets, with a summary of its label map (each map read once)."""
     out = {}

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.xdist_group("distributed")
 
 
 # ------------------------------------------------------------------------------------------------ shared set-up
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def rendered(data_dir):
     """Fixed 16^3 views of liver, spleen and pancreas in the two real CTs: 4 examples per class."""
     from monai_metalearn.apps import classification as app
@@ -146,7 +146,7 @@ def _worker(rank: int, world: int, port: int, items: list[dict], out: str) -> No
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def two_ranks(rendered, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -160,7 +160,7 @@ def two_ranks(rendered, tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def one_process(rendered):
     """The same learners in one process with meta-batches of 2B tasks."""
     return {name: _train(name, episode_loader(_episodes(rendered), meta_batch_size=2 * PER_RANK), False)

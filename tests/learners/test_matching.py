@@ -253,7 +253,7 @@ ORGANS = ["liver", "spleen", "kidney_left", "stomach", "aorta"]
 SIZE = (16, 16, 16)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def btcv_patches(data_dir):
     """Organ patches of BTCV subjects 0-3 (meta-training) and fixed views of subjects 4-5 (held out)."""
     from monai_metalearn.data import build_structure_patches, load_datalist, patch_transforms, render_patches

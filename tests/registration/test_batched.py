@@ -46,13 +46,13 @@ def _read(data_dir, subject: int):
     return scan_reader(["image", "label"], (PIX, PIX, PIX))(item)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def scans(data_dir):
     """Query BTCV 7, atlases BTCV 0 and 3 at 6 mm: three different grids (the atlases are padded onto a canvas)."""
     return {s: _read(data_dir, s) for s in (7, 0, 3)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when xdist interleaves modules
 def separate(scans):
     """One ``register`` per atlas: the reference."""
     torch.set_num_threads(1)
