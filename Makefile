@@ -21,9 +21,10 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m monai_metalearn.demo
 
+# Tests and notebooks in one run, so that the two workers share them (each notebook is one test item).
 test: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q tests
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 tutorials
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q --nbmake --nbmake-timeout=900 \
+		tests tutorials
 
 test-fast: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not slow" tests

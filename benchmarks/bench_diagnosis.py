@@ -89,11 +89,12 @@ ATLAS_WORK = Path(__file__).resolve().parent / "_work" / "diagnosis_atlas"
 ATLAS_OFFSET = 6
 
 
-def atlas_biomarkers(raw: list[dict], compute: bool = True):
+def atlas_biomarkers(raw: list[dict], compute: bool = True, part: tuple[int, int] = (0, 1)):
     """Per patient, biomarkers from masks that ``AtlasSegmenter`` carries from another patient (``ATLAS_OFFSET``): one
     registration per (atlas, query, phase) carries the three structures; ``None`` where a structure came out empty.
     Each patient's result is kept in ``_work/diagnosis_atlas/<id>.json`` (a re-run skips it; ``compute=False`` only
-    reads what is there)."""
+    reads what is there; ``part=(i, n)`` computes every n-th missing patient from the i-th, so n processes share
+    the work)."""
     from monai_metalearn.apps.pairs import next_subjects, pair_dice, segment_pair, subject_mask
     from monai_metalearn.apps.segmentation import load_segmentation_subjects
     from monai_metalearn.diagnosis.biomarkers import BIOMARKER_NAMES, cardiac_biomarkers
@@ -102,6 +103,7 @@ def atlas_biomarkers(raw: list[dict], compute: bool = True):
     ATLAS_WORK.mkdir(parents=True, exist_ok=True)
     pixdim = (1.5, 1.5, 3.0)
     todo = [c for c in raw if not (ATLAS_WORK / f"{c['id']}.json").is_file()] if compute else []
+    todo = todo[part[0]::part[1]]
     if todo:
         ids = sorted({c["subject"] for c in raw})
         need = sorted({c["subject"] for c in todo} | {next_subjects(c["subject"], ids, ATLAS_OFFSET)[-1] for c in todo})
@@ -254,13 +256,15 @@ def main(argv=None):
     p.add_argument("--collect", action="store_true", help="only redo the README table from the JSON")
     p.add_argument("--merge", action="store_true", help="add these methods to the existing JSON (same folds)")
     p.add_argument("--atlas_only", action="store_true", help="only segment the patients by atlas (kept in _work/)")
+    p.add_argument("--atlas_part", default="0/1", help="i/n: with --atlas_only, every n-th patient from the i-th")
     a = p.parse_args(argv)
     out = RESULTS_DIR / "diagnosis.json"
     if a.atlas_only:
         torch.set_num_threads(1)
         from monai_metalearn.diagnosis import acdc_cases
 
-        print(atlas_biomarkers(acdc_cases())[1])
+        i, n = (int(v) for v in a.atlas_part.split("/"))
+        print(atlas_biomarkers(acdc_cases(), part=(i, n))[1])
         return
     if a.collect:
         results = json.loads(out.read_text())

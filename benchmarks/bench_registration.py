@@ -247,7 +247,10 @@ def table(results: dict) -> str:
         "CHAOS and ACDC, never trained on, once). `elastix`: itk-elastix default affine + B-spline maps from "
         "the centres of gravity, on the first atlas of the first queries only (see the timing table); the row *mean, elastix's queries* compares every method on exactly those queries. `boxaligned` / "
         "`wholebody`: the trivial references with the first atlas, same queries. Registration settings: the "
-        "defaults of `RegistrationConfig` (4 mm finest level), similarity LNCC (MIND-SSC for CT -> MR). "
+        "defaults of `RegistrationConfig` (4 mm finest level) with each source's own settings "
+        "(`Source.registration`: for ACDC the initial search tries in-plane rotations every 30 degrees, as short-axis "
+        "stacks are rotated differently per patient; the heart rows were measured with it), similarity LNCC "
+        "(MIND-SSC for CT -> MR). "
         f"Measured {results['date']} on {results['machine'].get('cpu_count')} CPU cores, "
         f"{results['threads']} torch thread(s) per process, other jobs sharing the machine (times are indicative)."
     )
