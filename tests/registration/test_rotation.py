@@ -121,3 +121,10 @@ def test_acdc_source_hands_the_rotation_search_to_the_atlas_learners():
     assert mine.config.initial_rotations == (0.0, 180.0) and mine.config.similarity == "mind"
     with pytest.raises(ValueError, match="not_a_field"):
         learner.prepare_protocol(registration={"not_a_field": 1})
+    # the evaluation app reads the settings off the protocol's subjects
+    from monai_metalearn.apps.segmentation import _protocol_geometry
+
+    subjects = [{"subject": "acdc_patient001", "source": "acdc", "modality": "MR", "pixdim": [1.5, 1.5, 3.0]},
+                {"subject": "btcv_sabs_00", "source": "btcv_sabs", "modality": "CT", "pixdim": [3.0, 3.0, 3.0]}]
+    assert _protocol_geometry(subjects, ["acdc_patient001"], ["acdc_patient001"])["registration"] == hints
+    assert _protocol_geometry(subjects, ["btcv_sabs_00"], ["btcv_sabs_00"])["registration"] == {}
