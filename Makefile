@@ -21,11 +21,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m monai_metalearn.demo
 
-# Tests and notebooks in one run, so that the two workers share them (each notebook is one test item; the
-# notebooks, the longest items, first so that none is left running alone at the end).
 test: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q --nbmake --nbmake-timeout=900 --durations=12 \
-		tutorials tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -q --durations=10 tests
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 --durations=4 tutorials
 
 test-fast: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "not slow" tests
