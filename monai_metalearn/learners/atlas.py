@@ -60,6 +60,16 @@ def _fingerprint(x: Tensor) -> str:
     return hashlib.sha1(data.numpy().tobytes()).hexdigest() + str(tuple(data.shape))
 
 
+def _check_registration_fields(settings: Mapping[str, Any], where: str) -> None:
+    """ValueError naming the keys of ``settings`` that are not :class:`RegistrationConfig` fields."""
+    from monai_metalearn.registration import RegistrationConfig
+
+    fields = {f.name for f in dataclasses.fields(RegistrationConfig)}
+    bad = sorted(set(settings) - fields)
+    if bad:
+        raise ValueError(f"{where}: unknown registration settings {bad}; RegistrationConfig has {sorted(fields)}")
+
+
 class AtlasSegmenter(VolumeLearner):
     """Atlas (K = 1) and multi-atlas (K > 1) segmentation by pairwise registration and label fusion.
 
@@ -116,11 +126,7 @@ class AtlasSegmenter(VolumeLearner):
         self.spacing = tuple(float(s) for s in (spacing if isinstance(spacing, Sequence) else [spacing] * 3))
         if len(self.spacing) != 3:
             raise ValueError(f"AtlasSegmenter: spacing needs 3 values, got {spacing!r}")
-        fields = {f.name for f in dataclasses.fields(RegistrationConfig)}
-        bad = sorted(set(registration or {}) - fields)
-        if bad:
-            raise ValueError(f"AtlasSegmenter: unknown registration settings {bad}; RegistrationConfig has "
-                             f"{sorted(fields)}")
+        _check_registration_fields(registration or {}, "AtlasSegmenter")
         self.similarity = str(similarity)
         self.registration = dict(registration or {})
         self.config = RegistrationConfig(similarity="lncc" if similarity == "auto" else similarity,
@@ -154,10 +160,7 @@ class AtlasSegmenter(VolumeLearner):
         if registration is not None:
             from monai_metalearn.registration import RegistrationConfig
 
-            fields = {f.name for f in dataclasses.fields(RegistrationConfig)}
-            bad = sorted(set(registration) - fields)
-            if bad:
-                raise ValueError(f"AtlasSegmenter.prepare_protocol: unknown registration settings {bad}")
+            _check_registration_fields(registration, "AtlasSegmenter.prepare_protocol")
             merged = {**{k: v for k, v in registration.items() if k != "similarity"}, **self.registration}
             self.config = RegistrationConfig(similarity=self.config.similarity, **merged)
         if spacing is not None:
