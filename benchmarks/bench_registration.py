@@ -250,7 +250,9 @@ def table(results: dict) -> str:
         "defaults of `RegistrationConfig` (4 mm finest level) with each source's own settings "
         "(`Source.registration`: for ACDC the initial search tries in-plane rotations every 30 degrees, as short-axis "
         "stacks are rotated differently per patient; the heart rows were measured with it), similarity LNCC "
-        "(MIND-SSC for CT -> MR). "
+        "(MIND-SSC for CT -> MR). BTCV scans are read with their header correction (`orientation`: LAS, the shared "
+        "files' headers reverse the anterior-posterior axis); the CT -> MR rows were measured with it, the BTCV -> "
+        "BTCV rows before it (both scans of a pair mirrored alike). "
         f"Measured {results['date']} on {results['machine'].get('cpu_count')} CPU cores, "
         f"{results['threads']} torch thread(s) per process, other jobs sharing the machine (times are indicative)."
     )

@@ -173,6 +173,8 @@ def _patch_key(datalist: Sequence[Mapping[str, Any]], structures: Sequence[str],
     # the format version: bump when build_structure_patches' items change (2: body_box)
     parts: list[Any] = [2, sorted(structures), list(pixdim) if pixdim is not None else None, n_views]
     for item in datalist:
+        if item.get("orientation"):  # a corrected header moves the scan in world space
+            parts.append(["orientation", str(item["orientation"])])
         for key in ("image", "label"):
             value = item.get(key)
             if isinstance(value, (str, os.PathLike)) and os.path.exists(str(value).split("#")[0]):

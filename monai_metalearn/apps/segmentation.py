@@ -205,6 +205,7 @@ def _read_subjects(datalist, structures, spacing, progress, min_voxels) -> list[
     from tqdm.auto import tqdm
 
     from monai_metalearn.data import ScanLoadError, scan_reader
+    from monai_metalearn.data.patches import reader_input
 
     wanted = set(structures)
     out = []
@@ -215,7 +216,7 @@ def _read_subjects(datalist, structures, spacing, progress, min_voxels) -> list[
         keys = [k for k in ("image", "label") if item.get(k) is not None]
         pixdim = spacing.get(item.get("source"))
         try:
-            loaded = scan_reader(keys, pixdim)({k: item[k] for k in keys})
+            loaded = scan_reader(keys, pixdim)(reader_input(item, keys))
         except (ScanLoadError, RuntimeError) as err:
             fail(f"subject {item.get('subject')!r}: {_reason(err)}", DataError)
         label = loaded["label"].as_tensor().round().to(torch.int16)
@@ -726,7 +727,10 @@ def load_segmentation_task(path: str | os.PathLike, data_dir: str | None = None)
     :func:`~monai_metalearn.transforms.scale_intensity`): ``intensity`` (top level or per item: ``"ct_hu"``,
     ``"ct_windowed"``, ``"mr"``) says what they are; else ``modality`` (``"CT"`` or ``"MR"``) and the values decide
     (:func:`~monai_metalearn.transforms.infer_intensity`): the HU window only for scans with Hounsfield air (below
-    -500), so windowed 8-bit CT and MRI of any scale are scaled by their own percentiles.
+    -500), so windowed 8-bit CT and MRI of any scale are scaled by their own percentiles. ``orientation`` (top level
+    or per item, e.g. ``"LAS"``) corrects files whose header points an axis the wrong way
+    (:class:`~monai_metalearn.data.LoadScand`); for the files of a named ``source`` with a known header fault (BTCV's
+    shared layout) the source's correction applies by itself. The masks are written with the query file's own header.
 
     Exits with a one-line error for: a missing/unreadable task file, no support, no query, a support item without
     ``label``, a missing file.
@@ -804,7 +808,7 @@ def segment_task(
     for i, item in enumerate(task["support"]):
         where = f"support[{i}] {item['image']}"
         try:
-            d = support_read({"image": item["image"], "label": item["label"]})
+            d = support_read({"image": item["image"], "label": item["label"], **_read_options(item, task)})
         except (ScanLoadError, RuntimeError, OSError) as err:
             fail(f"{where}: {_reason(err)}", DataError)
         label = d["label"]
@@ -853,7 +857,7 @@ def segment_task(
     def segment_query(i: int, item: Mapping[str, Any]) -> tuple[dict[str, Any], MetaTensor]:
         where = f"query[{i}] {item['image']}"
         try:
-            d = query_read({"image": item["image"]})
+            d = query_read({"image": item["image"], **_read_options(item, task)})
         except (ScanLoadError, RuntimeError, OSError) as err:
             fail(f"{where}: {_reason(err)}", DataError)
         image = d["image"]
@@ -874,6 +878,8 @@ def segment_task(
         mask = inverted["pred"]
         name = names[i]
         meta = {**mask.meta, "filename_or_obj": f"{name}.nii.gz"}
+        if "header_affine" in meta:  # a corrected header: the mask is written with the query file's own header
+            meta["affine"] = torch.as_tensor(meta.pop("header_affine"))
         mask = MetaTensor((mask.as_tensor() > 0.5).to(torch.uint8), meta=meta)
         path = Path(output_dir) / f"{name}_seg.nii.gz"
         voxel_ml = float(abs(np.linalg.det(np.asarray(mask.affine)[:3, :3]))) / 1000.0
@@ -905,6 +911,16 @@ def segment_task(
 
         dist.barrier()  # the other ranks return once rank 0 has written
     return result
+
+
+def _read_options(item: Mapping[str, Any], task: Mapping[str, Any]) -> dict[str, Any]:
+    """Reading options of a task item: its ``orientation`` (or the task's), else its source's correction for the
+    source's own shared files (:func:`~monai_metalearn.data.file_orientation`: BTCV's shared layout)."""
+    from monai_metalearn.data import file_orientation
+
+    codes = item.get("orientation") or task.get("orientation") or file_orientation(
+        item.get("source") or task.get("source"), item.get("image"))
+    return {"orientation": str(codes)} if codes else {}
 
 
 def _output_names(queries: Sequence[Mapping[str, Any]]) -> list[str]:

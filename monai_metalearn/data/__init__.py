@@ -8,7 +8,15 @@ from monai_metalearn.data.episodes import (
     episode_collate,
     episode_loader,
 )
-from monai_metalearn.data.loading import LoadScan, LoadScand, LoadScanD, LoadScanDict, ScanLoadError, validate_datalist
+from monai_metalearn.data.loading import (
+    LoadScan,
+    LoadScand,
+    LoadScanD,
+    LoadScanDict,
+    ScanLoadError,
+    correct_orientation,
+    validate_datalist,
+)
 from monai_metalearn.data.names import (
     ACDC_NAMES,
     BTCV_NAMES,
@@ -35,6 +43,7 @@ from monai_metalearn.data.sources import (
     data_dir,
     get_source,
     load_datalist,
+    file_orientation,
     registration_settings,
 )
 from monai_metalearn.data.upstream import LabelIdError
@@ -54,6 +63,7 @@ __all__ = [
     "LoadScanD",
     "LoadScanDict",
     "LoadScand",
+    "correct_orientation",
     "NpzReader",
     "SOURCES",
     "STRUCTURE_NAMES",
@@ -67,6 +77,7 @@ __all__ = [
     "canonical_name",
     "check_disjoint_splits",
     "registration_settings",
+    "file_orientation",
     "class_counts",
     "data_dir",
     "episode_collate",

@@ -211,6 +211,41 @@ def _check_finite(img: torch.Tensor, prefix: str, key: Hashable | None, path: An
         raise ScanLoadError(f"{prefix}: {n_nan} NaN and {n_inf} infinite intensities", key, path)
 
 
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def correct_orientation(img: MetaTensor, codes: str, key: Hashable | None = None) -> MetaTensor:
+    """
+    ``img`` with its affine mirrored so that its orientation codes read ``codes`` (e.g. ``"LAS"``): for files whose
+    header points a voxel axis the wrong way. Each voxel axis whose header code is the opposite of ``codes`` has its
+    world axis mirrored (the affine's row negated); the voxel data do not move. The header's affine is kept in
+    ``meta["header_affine"]``.
+
+    Raises:
+        ScanLoadError: ``codes`` is not three of L/R, A/P, S/I, or names a voxel axis along another world axis than
+            the header's (only flips can be corrected, not permutations).
+    """
+    codes = codes.upper()
+    path = _describe(img)
+    if len(codes) != 3 or any(c not in _OPPOSITE for c in codes):
+        raise ScanLoadError(f"{_prefix(path, key)}: orientation {codes!r} is not three codes of L/R, A/P, S/I", key, path)
+    affine = img.affine.detach().cpu().numpy().astype(np.float64)
+    header = "".join(nib.aff2axcodes(affine))
+    mirror = np.eye(4)
+    for axis, (have, want) in enumerate(zip(header, codes)):
+        if have == want:
+            continue
+        if _OPPOSITE[have] != want:
+            raise ScanLoadError(
+                f"{_prefix(path, key)}: orientation {codes!r} permutes the header's axes ({header}); only flips of "
+                "the header's axes can be corrected", key, path)
+        mirror[int(np.argmax(np.abs(affine[:3, axis]))), :] *= -1.0  # that voxel axis' world axis
+    meta = {k: v for k, v in img.meta.items() if k != "affine"}
+    out = MetaTensor(img.as_tensor(), affine=torch.as_tensor(mirror @ affine), meta=meta)
+    out.meta["header_affine"] = torch.as_tensor(affine)
+    return out
+
+
 def _canonical_grid(img: torch.Tensor) -> tuple[tuple[int, ...], np.ndarray]:
     """Spatial shape and affine of ``img`` as they would be after reorienting to RAS (no data is moved)."""
     shape = tuple(int(s) for s in img.shape[1:])
@@ -233,6 +268,12 @@ class LoadScand(MapTransform):
     and checked for finiteness. When the data holds ``f"{key}{threshold_postfix}"`` (e.g. ``label_threshold``), the
     loaded scan is binarised as ``scan > threshold`` (soft masks such as SCT's ``mt1_gmseg``).
 
+    When the data holds ``orientation_key`` (default ``"orientation"``, e.g. ``"LAS"``), the files' headers are known
+    to point one or more voxel axes the wrong way (BTCV as preprocessed for SSL-ALPNet: the headers say LPS, the
+    anatomy says LAS): every loaded scan's affine is mirrored along the world axes of those voxel axes, so that its
+    orientation codes read ``orientation``; the header's affine is kept in ``meta["header_affine"]`` (writers that
+    save a mask beside the file restore it). Only flips can be corrected: codes that permute the header's axes raise.
+
     The geometry check compares spatial shapes and affines after reorienting each scan to RAS (without moving data),
     so an image and label stored with different axis orders or flips of the same grid (e.g. the LPS DICOM series and
     the LAS label map of TotalSegmentator's CT-2) pass, while different grids fail.
@@ -244,6 +285,7 @@ class LoadScand(MapTransform):
         check_finite: raise when a scan holds NaN or infinite values.
         geometry_atol: tolerance of the affine comparison, in mm (default 1e-3).
         threshold_postfix: postfix of the optional per-item binarisation threshold key; ``None`` to ignore.
+        orientation_key: key of the optional per-item orientation correction (see above); ``None`` to ignore.
         npz_affine: affine for ``.npz`` arrays; ``None`` for FreeSurfer's LIA 1 mm, centred.
         allow_missing_keys: skip keys absent from the data instead of raising ``KeyError``.
 
@@ -269,8 +311,10 @@ class LoadScand(MapTransform):
         threshold_postfix: str | None = "_threshold",
         npz_affine: np.ndarray | None = None,
         allow_missing_keys: bool = False,
+        orientation_key: str | None = "orientation",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.orientation_key = orientation_key
         self.check_geometry = check_geometry
         self.check_finite = check_finite
         self.geometry_atol = float(geometry_atol)
@@ -300,6 +344,9 @@ class LoadScand(MapTransform):
             threshold = d.get(f"{key}{self.threshold_postfix}") if self.threshold_postfix else None
             if threshold is not None:
                 img = (img > float(threshold)).to(img.dtype)
+            codes = d.get(self.orientation_key) if self.orientation_key else None
+            if codes:
+                img = correct_orientation(img, str(codes), key=key)
             d[key] = loaded[key] = img
         if self.check_geometry and len(loaded) > 1:
             self._check_geometry(loaded)

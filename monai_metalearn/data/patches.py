@@ -20,7 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["build_structure_patches", "patch_transforms", "render_patches", "class_counts", "scan_reader"]
+__all__ = [
+    "build_structure_patches", "patch_transforms", "render_patches", "class_counts", "scan_reader", "reader_input"
+]
+
+# item keys that change how its files are read (LoadScand): they travel with the paths to the reader
+_READ_KEYS = ("orientation", "image_threshold", "label_threshold")
+
+
+def reader_input(item: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The part of a datalist ``item`` that :func:`scan_reader` needs: the paths under ``keys`` and the item's
+    reading options (``orientation``: a header correction, ``<key>_threshold``: a soft mask's threshold)."""
+    return {**{k: item[k] for k in keys}, **{k: item[k] for k in _READ_KEYS if item.get(k) is not None}}
 
 
 def scan_reader(keys: Sequence[str], pixdim: Sequence[float] | None = None):
@@ -92,7 +103,7 @@ def build_structure_patches(
         if not present:
             continue
         keys = [k for k in ("image", "label") if item.get(k) is not None]
-        loaded = scan_reader(keys, pixdim)({k: item[k] for k in keys})
+        loaded = scan_reader(keys, pixdim)(reader_input(item, keys))
         label = loaded["label"]
         label = label.to(torch.int16) if float(label.max()) > 255 else label.to(torch.uint8)
         image = loaded.get("image")

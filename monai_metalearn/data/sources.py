@@ -34,6 +34,10 @@ An image/label item holds:
   so building a datalist reads no image data. Upstream layouts are the exception: their present ids are not known
   in advance, so each label map is read once while the datalist is built (and CHAOS's PNG ground truth is converted
   once into a cached NIfTI label map).
+- optional ``orientation``: the files' headers point a voxel axis the wrong way and these are the true orientation
+  codes; :class:`~monai_metalearn.data.loading.LoadScand` mirrors the affine to match (BTCV's shared layout: the
+  headers say LPS, but in every subject the kidneys lie anterior to the liver's centre in those coordinates, so the
+  anterior-posterior axis is reversed; ``"LAS"`` puts them 30-80 mm behind it, as in CHAOS and in anatomy).
 - optional ``label_threshold``: the label file is a soft mask; binarise it as ``label > label_threshold``
   (:class:`~monai_metalearn.data.loading.LoadScand` does so), after which the structure id is 1.
 
@@ -161,6 +165,9 @@ class Source:
             beyond the defaults; the registration-based learners take them for protocols over the source
             (``prepare_protocol``) unless their user set the field. ACDC: a full circle of in-plane rotations in
             the initial search, as short-axis stacks are imaged in planes rotated differently per patient.
+        orientation: the true orientation codes of the shared layout's files when their headers point an axis the
+            wrong way (the items' ``orientation``, applied by :class:`~monai_metalearn.data.loading.LoadScand`);
+            ``""`` when the headers are right. BTCV's shared layout: ``"LAS"`` (headers say LPS).
 
     Raises:
         ValueError: an unknown ``intensity`` kind, or an empty ``url`` without ``obtain``.
@@ -179,6 +186,7 @@ class Source:
     obtain: str = ""
     upstream: UpstreamLayout | None = field(default=None, repr=False, compare=False)
     registration: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False, compare=False)
+    orientation: str = ""
 
     def __post_init__(self) -> None:
         if self.intensity not in _INTENSITY_KINDS:
@@ -784,6 +792,10 @@ def _upstream_item(source: Source, subject: str, label: Path, table: Mapping[int
 
 
 _BTCV_SABS_MISSING = {12: (4,)}  # SABS subject 12 has no gallbladder
+# the SABS files' headers say LPS, but their anterior-posterior axis is reversed: in all 20 subjects the kidneys'
+# centre lies 30-82 mm *anterior* to the liver's in header coordinates (CHAOS: 27-75 mm posterior, as in anatomy);
+# left-right and superior-inferior agree with anatomy (liver right of the spleen, spleen above the kidneys):
+# Source(orientation="LAS") below
 
 
 def _btcv_sabs(source: Source, folder: Path) -> list[dict]:
@@ -797,6 +809,7 @@ def _btcv_sabs(source: Source, folder: Path) -> list[dict]:
                 folder / f"label_{i}.nii.gz",
                 _structures(ids, BTCV_NAMES),
                 image=str(folder / f"image_{i}.nii.gz"),
+                orientation=source.orientation,
             )
         )
     return items
@@ -1177,7 +1190,8 @@ _SOURCE_LIST = (
             "portal/splenic vein, pancreas, adrenals). Shared layout: 20 subjects (image_<i>/label_<i>.nii.gz, "
             "subjects btcv_sabs_<i>) as preprocessed for SSL-ALPNet ('SABS'; label maps from github "
             "QYAOYang/VLAlignSeg- @ 3981d0690eb6537ff25364b9ec2a8a910b8f84f2, images restacked losslessly from its "
-            "slice PNGs): 257x257x(85-199), 1.0-1.7 mm in-plane x 2.5-5 mm, LPS, resampled and cropped by SSL-ALPNet. "
+            "slice PNGs): 257x257x(85-199), 1.0-1.7 mm in-plane x 2.5-5 mm, headers LPS but anatomy LAS (the items' "
+            "'orientation' corrects the anterior-posterior axis on loading), resampled and cropped by SSL-ALPNet. "
             "Its images are 8-bit DISPLAY-WINDOWED (0..255, air 0, bone saturated), not Hounsfield units: intensity "
             "'ct_windowed', never apply an HU window. Subject 12 has no gallbladder. The SABS index i is not BTCV's "
             "case number. Upstream layout (Synapse RawData/Training: img/img0001.nii.gz, label/label0001.nii.gz; 30 "
@@ -1198,6 +1212,7 @@ _SOURCE_LIST = (
             "required); its RawData/Training/ folder holds img/ and label/."
         ),
         upstream=UpstreamLayout(upstream.BTCV_LAYOUT, upstream.find_btcv, _btcv_upstream),
+        orientation="LAS",
     ),
     Source(
         name="chaos_t2",
@@ -1346,3 +1361,20 @@ def registration_settings(sources: Iterable[Any]) -> dict[str, Any]:
         for key, value in (src.registration.items() if src is not None else ()):
             out.setdefault(key, value)
     return out
+
+
+def file_orientation(source: Any, path: PathLike | None) -> str | None:
+    """The orientation correction (:attr:`Source.orientation`) for one file named by a task file or datalist: the
+    named source's codes when ``path`` is one of its shared layout's files (matched by file name), else ``None``
+    (other sources, a user's own data, the upstream layout of a data set).
+
+    Example::
+
+        file_orientation("btcv_sabs", ".../btcv_sabs/image_3.nii.gz")  # "LAS"
+        file_orientation("btcv_sabs", ".../img/img0001.nii.gz")        # None: Synapse's files have right headers
+    """
+    src = SOURCES.get(str(source)) if source is not None else None
+    if src is None or not src.orientation or path is None:
+        return None
+    names = {Path(rel).name for rel in src.files}
+    return src.orientation if Path(str(path)).name in names else None

@@ -139,7 +139,7 @@ class AtlasSegmenter(VolumeLearner):
         if isinstance(atlas_batch_size, bool) or not isinstance(atlas_batch_size, int) or atlas_batch_size < 1:
             raise ValueError(f"AtlasSegmenter: atlas_batch_size must be a positive integer, got {atlas_batch_size!r}")
         self.atlas_batch_size = int(atlas_batch_size)
-        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self.last_timings: list[dict[str, float]] = []
 
     def extra_repr(self) -> str:
@@ -172,12 +172,17 @@ class AtlasSegmenter(VolumeLearner):
             self.config = dataclasses.replace(self.config, similarity="mind" if cross else "lncc")
 
     # ------------------------------------------------------------------------------------------ registration
+    def cache_key(self, atlas_image: Tensor, query_image: Tensor) -> tuple[str, str, str]:
+        """The registration cache's key of a pair: both volumes' contents and the registration settings (a protocol
+        that changes them, e.g. the similarity across modalities, never reuses a registration made with others)."""
+        return _fingerprint(atlas_image), _fingerprint(query_image), repr(self.config)
+
     def register_pair(self, atlas_image: Tensor, query_image: Tensor):
         """:class:`~monai_metalearn.registration.RegistrationResult` of ``atlas_image`` registered to
         ``query_image`` (both ``[1, *S]``), cached by content."""
         from monai_metalearn.registration import register
 
-        key = (_fingerprint(atlas_image), _fingerprint(query_image))
+        key = self.cache_key(atlas_image, query_image)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -186,7 +191,7 @@ class AtlasSegmenter(VolumeLearner):
         self._keep(key, result)
         return result
 
-    def _keep(self, key: tuple[str, str], result: Any) -> None:
+    def _keep(self, key: tuple[str, str, str], result: Any) -> None:
         self.last_timings.append(dict(result.timings))
         if self.cache_size > 0:
             self._cache[key] = result
@@ -201,9 +206,9 @@ class AtlasSegmenter(VolumeLearner):
         from monai_metalearn.registration import register_many
 
         qkey = _fingerprint(query_image)
-        keys = [(_fingerprint(a), qkey) for a in atlas_images]
-        found: dict[tuple[str, str], Any] = {}
-        todo: dict[tuple[str, str], Tensor] = {}
+        keys = [(_fingerprint(a), qkey, repr(self.config)) for a in atlas_images]  # as cache_key
+        found: dict[tuple[str, str, str], Any] = {}
+        todo: dict[tuple[str, str, str], Tensor] = {}
         for key, image in zip(keys, atlas_images):
             if key in self._cache:
                 self._cache.move_to_end(key)

@@ -64,6 +64,19 @@ def test_auto_similarity_switches_to_mind_across_modalities():
     assert fixed.config.similarity == "ncc"  # an explicit choice is kept
 
 
+def test_registration_cache_is_keyed_by_the_settings_too():
+    """A protocol that changes the settings (CT -> MR: MIND-SSC) never reuses a registration cached under others; the
+    same settings again find it."""
+    atlas = AtlasSegmenter()
+    a, q = torch.rand(1, 6, 6, 6, generator=torch.Generator().manual_seed(0)), torch.rand(1, 6, 6, 6)
+    lncc = atlas.cache_key(a, q)
+    atlas.prepare_protocol(support_modalities=["CT"], query_modalities=["MR"])
+    assert atlas.cache_key(a, q) != lncc and atlas.cache_key(a, q)[:2] == lncc[:2]
+    atlas.prepare_protocol(support_modalities=["CT"], query_modalities=["CT"])
+    assert atlas.cache_key(a, q) == lncc
+    assert atlas.cache_key(a, q.flip(1)) != lncc  # content, not shape
+
+
 def test_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match="fusion"):
         AtlasSegmenter(fusion="vote")

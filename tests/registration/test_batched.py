@@ -236,7 +236,6 @@ def test_atlas_segmenter_registers_the_atlases_of_a_query_together(scans, separa
     """``atlas_batch_size`` > 1: the two atlases go through one ``register_many`` problem, whose results (CPU) are
     the separate registrations, so the fused prediction is the one-at-a-time learner's."""
     from monai_metalearn.learners import AtlasSegmenter
-    from monai_metalearn.learners.atlas import _fingerprint
 
     atlases = [scans[0]["image"], scans[3]["image"]]
     masks = [(scans[a]["label"] == 6).float() for a in (0, 3)]
@@ -247,11 +246,11 @@ def test_atlas_segmenter_registers_the_atlases_of_a_query_together(scans, separa
     # one at a time, its cache holding the separate registrations: the same prediction
     loop = AtlasSegmenter(fusion="staple", registration=FAST, atlas_batch_size=1)
     for image, result in zip(atlases, separate):
-        loop._cache[(_fingerprint(image), _fingerprint(query))] = result
+        loop._cache[loop.cache_key(image, query)] = result
     assert torch.equal(loop.adapt(atlases, masks)(query[None]).argmax(1), pred)
     assert loop.last_timings == []  # nothing registered again
     for image, result in zip(atlases, separate):
-        assert torch.equal(batched._cache[(_fingerprint(image), _fingerprint(query))].field, result.field)
+        assert torch.equal(batched._cache[batched.cache_key(image, query)].field, result.field)
     dice = dice_per_label(pred, (scans[7]["label"].as_tensor() == 6).long(), [1])[1]
     assert dice > 0.7, dice
 
