@@ -205,8 +205,7 @@ class AtlasSegmenter(VolumeLearner):
         one (:meth:`register_pair`) when ``atlas_batch_size`` is 1 or a single atlas is missing."""
         from monai_metalearn.registration import register_many
 
-        qkey = _fingerprint(query_image)
-        keys = [(_fingerprint(a), qkey, repr(self.config)) for a in atlas_images]  # as cache_key
+        keys = [self.cache_key(a, query_image) for a in atlas_images]
         found: dict[tuple[str, str, str], Any] = {}
         todo: dict[tuple[str, str, str], Tensor] = {}
         for key, image in zip(keys, atlas_images):
